@@ -1,0 +1,283 @@
+"""The convolution with the derived backward pass, for 1, 2 or 3 spatial axes.
+
+This module is the derivation turned into code. In its notation, for one
+convolutional layer with input ``a_prev``, kernel ``w`` and bias ``b``::
+
+    forward:    z = a_prev * w + b
+    delta:      delta_prev = (delta * rot180(w))_full        (input_delta)
+    gradients:  dC/dw = a_prev ⋆ delta                        (kernel_gradient)
+                dC/db = Σ delta                               (bias_gradient)
+
+where ``*`` is the convolution a Keras conv layer computes (a cross-correlation
+in signal-processing terms), ``rot180`` flips every spatial axis of the kernel
+and swaps its input and output channels, ``(·)_full`` pads the delta so that
+every input position a kernel tap ever touched receives its share, and ``⋆``
+is a "valid" correlation. The factor ``⊙ act'(z_prev)`` of the derivation
+belongs to the activation of the previous layer and is applied by ordinary
+differentiation of that activation.
+
+The general layer adds three things to the textbook case, and each has a
+plain reading in the same rule:
+
+* strides ``s``: the forward pass only visits every ``s``-th position, so the
+  delta is first put back at those positions with zeros between them
+  (``spread``) before the full convolution;
+* dilation ``d``: the kernel taps are ``d`` apart, so the rotated kernel is
+  applied with the same dilation, and in the kernel gradient the delta is the
+  sliding window while the input is sampled every ``d`` positions;
+* groups: each group of input channels sees only its own group of filters,
+  so ``rot180`` swaps channels group by group and the kernel gradient
+  correlates each group's inputs with that group's deltas.
+
+Everything here is channels-last: ``x`` is ``(N, *S, C_in)``, ``w`` is
+``(*K, C_in // groups, C_out)``, ``b`` is ``(C_out,)`` and a delta is
+``(N, *L, C_out)``. Padding is explicit, as one ``(before, after)`` pair per
+spatial axis (see ``padding_pairs``).
+
+The backward rules are themselves convolutions computed by ``conv``, so their
+own gradients (second-order derivatives, such as a gradient penalty) are again
+the derived ones. None of them calls a framework's convolution-gradient kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from keras import ops
+
+from keras_rotconv import _backend
+
+Pairs = tuple[tuple[int, int], ...]
+
+
+def effective_kernel_size(kernel_size: int, dilation: int) -> int:
+    """The span of a kernel of ``kernel_size`` taps placed ``dilation`` apart."""
+    return (kernel_size - 1) * dilation + 1
+
+
+def padding_pairs(
+    spatial_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    padding: str,
+) -> Pairs:
+    """The explicit ``(before, after)`` zero padding of each spatial axis.
+
+    ``"valid"`` pads nothing. ``"same"`` pads so that the output has
+    ``ceil(size / stride)`` positions, the odd extra zero going after, which is
+    the rule of TensorFlow, JAX and Keras on every backend. ``"causal"`` (1D
+    only) pads ``effective_kernel_size - 1`` zeros before.
+
+    A size may be a scalar tensor (an axis whose length is only known when the
+    graph runs); the pairs then hold tensors too.
+    """
+    pairs = []
+    for size, k, s, d in zip(spatial_shape, kernel_size, strides, dilation):
+        span = effective_kernel_size(k, d)
+        if padding == "valid":
+            pairs.append((0, 0))
+        elif padding == "causal":
+            pairs.append((span - 1, 0))
+        elif padding == "same":
+            total = _at_least_zero((-(-size // s) - 1) * s + span - size)
+            pairs.append((total // 2, total - total // 2))
+        else:
+            raise ValueError(
+                "Invalid value for argument `padding`. Expected 'valid', "
+                f"'same' or 'causal'. Received: padding={padding}"
+            )
+    return tuple(pairs)
+
+
+def output_size(
+    size: int, kernel_size: int, stride: int, dilation: int, pad: tuple
+) -> int:
+    """How many positions a strided, dilated kernel visits on a padded axis."""
+    span = effective_kernel_size(kernel_size, dilation)
+    return (size + pad[0] + pad[1] - span) // stride + 1
+
+
+def rot180(w, groups: int = 1):
+    """The kernel rotated by 180 degrees: ``(*K, C_in/g, C_out)`` to
+    ``(*K, C_out/g, C_in)``.
+
+    Every spatial axis is flipped, and within each group the input and output
+    channel axes trade places, so that the rotated kernel maps deltas of the
+    layer's outputs back onto its inputs.
+    """
+    rank = len(w.shape) - 2
+    *k, cin_g, cout = w.shape
+    flipped = ops.flip(w, axis=tuple(range(rank)))
+    per_group = ops.reshape(flipped, (*k, cin_g, groups, cout // groups))
+    swapped = ops.transpose(per_group, (*range(rank), rank + 2, rank + 1, rank))
+    return ops.reshape(swapped, (*k, cout // groups, groups * cin_g))
+
+
+def spread(delta, strides: Sequence[int]):
+    """Put a strided layer's delta back at the positions its outputs came
+    from: ``stride - 1`` zeros between neighbouring entries of each axis.
+
+    An output of length ``L`` becomes ``(L - 1) * stride + 1`` long.
+    """
+    for axis, s in enumerate(strides, start=1):
+        if s == 1:
+            continue
+        shape = ops.shape(delta)
+        length = shape[axis]
+        # Give each entry a new axis of s - 1 trailing zeros, then let the
+        # entries and their zeros interleave by merging the two axes.
+        widths = [(0, 0)] * (len(shape) + 1)
+        widths[axis + 1] = (0, s - 1)
+        padded = ops.pad(ops.expand_dims(delta, axis + 1), widths)
+        merged = ops.reshape(
+            padded, (*shape[:axis], length * s, *shape[axis + 1 :])
+        )
+        delta = _crop(merged, axis, (length - 1) * s + 1)
+    return delta
+
+
+def input_delta(
+    delta,
+    w,
+    spatial_shape: Sequence[int],
+    strides: Sequence[int],
+    pairs: Pairs,
+    dilation: Sequence[int],
+    groups: int = 1,
+):
+    """``delta_prev = (spread(delta) * rot180(w))_full``, cropped to the input.
+
+    The full convolution pads the (spread) delta with ``span - 1`` zeros on
+    each side, ``span`` being the dilated kernel's extent, and convolves with
+    the rotated kernel at the layer's dilation, stride 1. Two corrections make
+    it land exactly on the layer's input: the forward padding ``pairs`` is
+    cropped back off (fewer zeros on each side), and input positions after
+    the last window the stride reached (``rest`` below) get zeros, since no
+    output depended on them.
+    """
+    rank = len(strides)
+    kernel_size = w.shape[:rank]
+    widths = [(0, 0)]
+    for axis in range(rank):
+        span = effective_kernel_size(kernel_size[axis], dilation[axis])
+        before, after = pairs[axis]
+        length = ops.shape(delta)[axis + 1]
+        reached = (length - 1) * strides[axis] + span
+        rest = spatial_shape[axis] + before + after - reached
+        widths.append((span - 1 - before, span - 1 - after + rest))
+    widths.append((0, 0))
+    full = _pad(spread(delta, strides), widths)
+    return conv(full, rot180(w, groups), strides=(1,) * rank,
+                dilation=dilation, groups=groups)
+
+
+def kernel_gradient(
+    x,
+    delta,
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    pairs: Pairs,
+    dilation: Sequence[int],
+    groups: int = 1,
+):
+    """``dC/dw[k, i, o] = Σ_{n, p} a_prev[n, p·stride + k·dilation, i]
+    · delta[n, p, o]``: the valid correlation of the padded input with the
+    delta.
+
+    Written as one convolution, the delta is the sliding window: the batch
+    axis becomes the axis summed over (the "channels") and the input's
+    channels become the independent rows (the "batch"). The delta taps are
+    ``stride`` apart on the input, and the result is sampled every
+    ``dilation`` positions, so the convolution runs with dilation ``stride``
+    and stride ``dilation``. Groups pair each group's inputs with that
+    group's deltas.
+    """
+    rank = len(strides)
+    padded = _pad(x, [(0, 0), *pairs, (0, 0)])
+    for axis in range(rank):
+        span = effective_kernel_size(kernel_size[axis], dilation[axis])
+        reached = (ops.shape(delta)[axis + 1] - 1) * strides[axis] + span
+        padded = _crop(padded, axis + 1, reached)
+    batch, *spatial, cin = ops.shape(padded)
+    by_group = ops.reshape(padded, (batch, *spatial, groups, cin // groups))
+    rows = ops.transpose(by_group, (rank + 2, *range(1, rank + 1), rank + 1, 0))
+    rows = ops.reshape(rows, (cin // groups, *spatial, groups * batch))
+    window = ops.transpose(delta, (*range(1, rank + 1), 0, rank + 1))
+    grad = conv(rows, window, strides=dilation, dilation=strides, groups=groups)
+    return ops.transpose(grad, (*range(1, rank + 1), 0, rank + 1))
+
+
+def bias_gradient(delta):
+    """``dC/db = Σ delta`` over the batch and every spatial position."""
+    return ops.sum(delta, axis=tuple(range(len(delta.shape) - 1)))
+
+
+def conv(
+    x,
+    w,
+    b=None,
+    *,
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    pairs: Pairs | None = None,
+    groups: int = 1,
+):
+    """``z = pad(x, pairs) * w + b``, differentiated by the derived rules.
+
+    ``strides``, ``dilation`` and ``pairs`` (default: no padding) have one
+    entry per spatial axis. Returns ``(N, *L, C_out)``.
+    """
+    rank = len(strides)
+    strides, dilation = tuple(strides), tuple(dilation)
+    pairs = tuple(pairs) if pairs is not None else ((0, 0),) * rank
+    spatial_shape = tuple(ops.shape(x)[1:-1])
+    kernel_size = tuple(w.shape[:rank])
+
+    def forward(x, w, *bias):
+        z = _backend.correlate(
+            _pad(x, [(0, 0), *pairs, (0, 0)]), w, strides, dilation, groups
+        )
+        if bias:
+            z = z + bias[0]
+        return z
+
+    def backward(delta, x, w, *bias):
+        grads = (
+            input_delta(delta, w, spatial_shape, strides, pairs, dilation,
+                        groups),
+            kernel_gradient(x, delta, kernel_size, strides, pairs, dilation,
+                            groups),
+        )
+        if bias:
+            grads += (bias_gradient(delta),)
+        return grads
+
+    args = (x, w) if b is None else (x, w, b)
+    return _backend.custom_gradient(forward, backward)(*args)
+
+
+def _at_least_zero(value):
+    if isinstance(value, int):
+        return max(value, 0)
+    return ops.maximum(value, 0)
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, int) and value == 0
+
+
+def _pad(x, widths):
+    if all(_is_zero(v) for pair in widths for v in pair):
+        return x
+    return ops.pad(x, widths)
+
+
+def _crop(x, axis, length):
+    """Keep the first ``length`` entries of ``axis``."""
+    if isinstance(length, int) and x.shape[axis] == length:
+        return x
+    index = [slice(None)] * len(x.shape)
+    index[axis] = slice(0, length)
+    return x[tuple(index)]
+
