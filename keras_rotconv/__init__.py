@@ -6,4 +6,4 @@ from keras_rotconv.layers import RotConv2D
 
 __version__ = "0.1.0"
 
-__all__ = ["RotConv2D", "ops", "reference", "__version__"]
+__all__ = ["RotConv2D", "__version__", "ops", "reference"]

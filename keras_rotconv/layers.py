@@ -27,7 +27,10 @@ class _RotConv:
             x = ops.transpose(x, (0, *range(2, rank + 2), 1))
         spatial = tuple(ops.shape(x)[1:-1])
         pairs = rotconv_ops.padding_pairs(
-            spatial, self.kernel_size, self.strides, self.dilation_rate,
+            spatial,
+            self.kernel_size,
+            self.strides,
+            self.dilation_rate,
             self.padding,
         )
         self._check_output_size(spatial, pairs, inputs.shape)
@@ -52,9 +55,10 @@ class _RotConv:
         for size, k, s, d, pad in zip(
             spatial, self.kernel_size, self.strides, self.dilation_rate, pairs
         ):
-            if isinstance(size, int) and rotconv_ops.output_size(
-                size, k, s, d, pad
-            ) <= 0:
+            if (
+                isinstance(size, int)
+                and rotconv_ops.output_size(size, k, s, d, pad) <= 0
+            ):
                 raise ValueError(
                     "The convolution would produce an empty output: the "
                     "input is smaller than the dilated kernel. Received: "

@@ -51,7 +51,7 @@ Pairs = tuple[tuple[int, int], ...]
 
 
 def effective_kernel_size(kernel_size: int, dilation: int) -> int:
-    """The span of a kernel of ``kernel_size`` taps placed ``dilation`` apart."""
+    """The extent of ``kernel_size`` taps placed ``dilation`` apart."""
     return (kernel_size - 1) * dilation + 1
 
 
@@ -168,8 +168,13 @@ def input_delta(
         widths.append((span - 1 - before, span - 1 - after + rest))
     widths.append((0, 0))
     full = _pad(spread(delta, strides), widths)
-    return conv(full, rot180(w, groups), strides=(1,) * rank,
-                dilation=dilation, groups=groups)
+    return conv(
+        full,
+        rot180(w, groups),
+        strides=(1,) * rank,
+        dilation=dilation,
+        groups=groups,
+    )
 
 
 def kernel_gradient(
@@ -244,10 +249,12 @@ def conv(
 
     def backward(delta, x, w, *bias):
         grads = (
-            input_delta(delta, w, spatial_shape, strides, pairs, dilation,
-                        groups),
-            kernel_gradient(x, delta, kernel_size, strides, pairs, dilation,
-                            groups),
+            input_delta(
+                delta, w, spatial_shape, strides, pairs, dilation, groups
+            ),
+            kernel_gradient(
+                x, delta, kernel_size, strides, pairs, dilation, groups
+            ),
         )
         if bias:
             grads += (bias_gradient(delta),)
@@ -280,4 +287,3 @@ def _crop(x, axis, length):
     index = [slice(None)] * len(x.shape)
     index[axis] = slice(0, length)
     return x[tuple(index)]
-

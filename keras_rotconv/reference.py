@@ -129,12 +129,15 @@ def input_gradient(delta, w, a_shape, strides, dilation, padding, groups=1):
             for o in range(c_out):
                 first = (o // per_group_out) * per_group_in
                 for i in range(per_group_in):
-                    grad[(n, *q, first + i)] += delta[(n, *p, o)] * w[(*k, i, o)]
+                    grad[(n, *q, first + i)] += (
+                        delta[(n, *p, o)] * w[(*k, i, o)]
+                    )
     return grad
 
 
-def kernel_gradient(a_prev, delta, w_shape, strides, dilation, padding,
-                    groups=1):
+def kernel_gradient(
+    a_prev, delta, w_shape, strides, dilation, padding, groups=1
+):
     """``dC/dw``: each tap collects ``a_prev · delta`` over the batch and
     every output position."""
     c_in, c_out = a_prev.shape[-1], w_shape[-1]
@@ -145,7 +148,9 @@ def kernel_gradient(a_prev, delta, w_shape, strides, dilation, padding,
             for o in range(c_out):
                 first = (o // per_group_out) * per_group_in
                 for i in range(per_group_in):
-                    grad[(*k, i, o)] += a_prev[(n, *q, first + i)] * delta[(n, *p, o)]
+                    grad[(*k, i, o)] += (
+                        a_prev[(n, *q, first + i)] * delta[(n, *p, o)]
+                    )
     return grad
 
 
@@ -189,7 +194,8 @@ def layer_backward(
         delta_prev = delta_prev * prev_act_derivative(z_prev)
     return (
         delta_prev,
-        kernel_gradient(a_prev, delta, w.shape, strides, dilation, padding,
-                        groups),
+        kernel_gradient(
+            a_prev, delta, w.shape, strides, dilation, padding, groups
+        ),
         bias_gradient(delta),
     )
