@@ -20,7 +20,6 @@ except ImportError:
 
 import keras
 import numpy as np
-import pytest
 
 BACKEND = keras.backend.backend()
 
@@ -70,6 +69,21 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"tolerance {rtol:.0e}: {error:.2e} ({where})"
         )
+
+
+def numeric_gradient(loss, array, step=FD_STEP):
+    """Central differences of ``loss()`` with respect to each entry of
+    ``array``, perturbed in place."""
+    grad = np.zeros_like(array)
+    for index in np.ndindex(*array.shape):
+        saved = array[index]
+        array[index] = saved + step
+        up = loss()
+        array[index] = saved - step
+        down = loss()
+        array[index] = saved
+        grad[index] = (up - down) / (2 * step)
+    return grad
 
 
 def to_numpy(x):
@@ -130,6 +144,61 @@ def _as_numpy(y, dx, variables, dvars):
     )
 
 
+def penalty_gradients(layer, x, upstream):
+    """``{variable name: dP/dvariable}`` for the gradient penalty
+    ``P = Σ (dC/dx)^2``, ``C = Σ y · upstream``: a second-order gradient."""
+    return _PENALTY_GRADIENTS[BACKEND](layer, x, upstream)
+
+
+def _tf_penalty_gradients(layer, x, upstream):
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    variables = layer.trainable_variables
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(layer(x) * upstream)
+        penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
+    dvars = outer.gradient(penalty, variables)
+    return {v.name: to_numpy(d) for v, d in zip(variables, dvars, strict=True)}
+
+
+def _jax_penalty_gradients(layer, x, upstream):
+    import jax
+    import jax.numpy as jnp
+
+    frozen = [v.value for v in layer.non_trainable_variables]
+
+    def penalty(trainable):
+        def loss(x):
+            y, _ = layer.stateless_call(trainable, frozen, x)
+            return jnp.sum(y * upstream)
+
+        return jnp.sum(jax.grad(loss)(x) ** 2)
+
+    variables = layer.trainable_variables
+    dvars = jax.grad(penalty)([v.value for v in variables])
+    return {v.name: to_numpy(d) for v, d in zip(variables, dvars, strict=True)}
+
+
+def _torch_penalty_gradients(layer, x, upstream):
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    loss = (layer(x) * torch.as_tensor(upstream)).sum()
+    (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+    (dx**2).sum().backward()
+    return {v.name: to_numpy(v.value.grad) for v in layer.trainable_variables}
+
+
+_PENALTY_GRADIENTS = {
+    "tensorflow": _tf_penalty_gradients,
+    "jax": _jax_penalty_gradients,
+    "torch": _torch_penalty_gradients,
+}
+
+
 _GRADIENTS = {
     "tensorflow": _tf_gradients,
     "jax": _jax_gradients,
@@ -157,12 +226,3 @@ def share_random_weights(layers, seed=0):
     ]
     for layer in layers:
         layer.set_weights(weights)
-
-
-@pytest.fixture
-def float64():
-    """Run the test with Keras's default float type set to float64."""
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
