@@ -2,8 +2,15 @@
 rotated-kernel convolution."""
 
 from keras_rotconv import ops, reference
-from keras_rotconv.layers import RotConv2D
+from keras_rotconv.layers import RotConv1D, RotConv2D, RotConv3D
 
 __version__ = "0.1.0"
 
-__all__ = ["RotConv2D", "__version__", "ops", "reference"]
+__all__ = [
+    "RotConv1D",
+    "RotConv2D",
+    "RotConv3D",
+    "__version__",
+    "ops",
+    "reference",
+]

@@ -1,10 +1,10 @@
-"""The backend seam: the two things the derivation cannot say in ``keras.ops``.
+"""The backend seam: what the derivation cannot say in ``keras.ops``.
 
 ``correlate`` is a plain valid, strided, dilated, grouped convolution in
 channels-last layout, the forward primitive every rule in ``ops`` is built
 from. ``custom_gradient`` attaches a backward function to a forward one using
-the backend's own mechanism. The formulas themselves live in ``ops`` and are
-written once.
+the backend's own mechanism. ``pad`` is zero padding. The formulas themselves
+live in ``ops`` and are written once.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ def custom_gradient(forward: Callable, backward: Callable) -> Callable:
     differentiable operations, so higher-order gradients follow it too.
     """
     return _CUSTOM_GRADIENT[_BACKEND](forward, backward)
+
+
+def pad(x, widths: Sequence[tuple[int, int]]):
+    """``x`` with ``widths[axis] = (before, after)`` zeros added on each axis."""
+    return _PAD[_BACKEND](x, widths)
 
 
 def _tf_correlate(x, w, strides, dilation, groups):
@@ -114,6 +119,15 @@ def _torch_correlate(x, w, strides, dilation, groups):
     import torch.nn.functional as F
 
     rank = len(strides)
+    lengths = [
+        (n - (k - 1) * d - 1) // s + 1
+        for n, k, s, d in zip(x.shape[1:-1], w.shape[:rank], strides, dilation)
+    ]
+    if x.numel() == 0 or w.numel() == 0 or min(lengths) <= 0:
+        # torch refuses empty convolutions (an input shorter than the
+        # kernel, an empty kernel); their value is an empty or all-zero sum.
+        shape = (x.shape[0], *(max(n, 0) for n in lengths), w.shape[-1])
+        return x.new_zeros(shape)
     channels_first = (0, rank + 1, *range(1, rank + 1))
     channels_last = (0, *range(2, rank + 2), 1)
     conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
@@ -127,22 +141,61 @@ def _torch_correlate(x, w, strides, dilation, groups):
     return out.permute(channels_last)
 
 
+def _torch_pad(x, widths):
+    import torch.nn.functional as F
+
+    # keras.ops.pad builds a Keras Operation object on every call, a side
+    # effect torch.compile refuses inside an autograd function; F.pad is the
+    # same zero padding without it. F.pad lists the last axis first.
+    return F.pad(x, [v for pair in reversed(widths) for v in pair])
+
+
 def _torch_custom_gradient(forward, backward):
     import torch
 
-    class Op(torch.autograd.Function):
+    def op(*tensors):
+        if not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        ):
+            # Autograd records nothing here, so there is no gradient to
+            # customize: inference, or a backward pass that is not itself
+            # differentiated.
+            return forward(*tensors)
+        return _TorchDerivedGradient.apply(forward, backward, *tensors)
+
+    return op
+
+
+if _BACKEND == "torch":
+    import torch
+
+    class _TorchDerivedGradient(torch.autograd.Function):
+        """The derived backward pass as a torch autograd function.
+
+        Used directly rather than through ``keras.ops.custom_gradient``,
+        whose torch version swallows exceptions raised in the forward
+        function and returns NaN gradients. Defined once, at import:
+        ``torch.compile`` cannot trace a class statement, so a class made
+        per call would break the compiled graph at every layer.
+        """
+
         @staticmethod
-        def forward(ctx, *tensors):
+        def forward(ctx, forward, backward, *tensors):
+            ctx.derived_backward = backward
             ctx.save_for_backward(*tensors)
             return forward(*tensors)
 
         @staticmethod
         def backward(ctx, upstream):
-            return tuple(backward(upstream, *ctx.saved_tensors))
+            grads = ctx.derived_backward(upstream, *ctx.saved_tensors)
+            return (None, None, *grads)
 
-    return Op.apply
 
-
+_PAD = {
+    "tensorflow": keras.ops.pad,
+    "jax": keras.ops.pad,
+    "torch": _torch_pad,
+}
 _CORRELATE = {
     "tensorflow": _tf_correlate,
     "jax": _jax_correlate,

@@ -70,7 +70,8 @@ def padding_pairs(
     only) pads ``effective_kernel_size - 1`` zeros before.
 
     A size may be a scalar tensor (an axis whose length is only known when the
-    graph runs); the pairs then hold tensors too.
+    graph runs) or a symbolic int (``torch.compile`` with dynamic shapes); the
+    pairs then hold the same kind of value.
     """
     pairs = []
     for size, k, s, d in zip(spatial_shape, kernel_size, strides, dilation):
@@ -129,7 +130,7 @@ def spread(delta, strides: Sequence[int]):
         # entries and their zeros interleave by merging the two axes.
         widths = [(0, 0)] * (len(shape) + 1)
         widths[axis + 1] = (0, s - 1)
-        padded = ops.pad(ops.expand_dims(delta, axis + 1), widths)
+        padded = _pad(ops.expand_dims(delta, axis + 1), widths)
         merged = ops.reshape(
             padded, (*shape[:axis], length * s, *shape[axis + 1 :])
         )
@@ -233,6 +234,8 @@ def conv(
     ``strides``, ``dilation`` and ``pairs`` (default: no padding) have one
     entry per spatial axis. Returns ``(N, *L, C_out)``.
     """
+    x, w = ops.convert_to_tensor(x), ops.convert_to_tensor(w)
+    b = None if b is None else ops.convert_to_tensor(b)
     rank = len(strides)
     strides, dilation = tuple(strides), tuple(dilation)
     pairs = tuple(pairs) if pairs is not None else ((0, 0),) * rank
@@ -265,9 +268,12 @@ def conv(
 
 
 def _at_least_zero(value):
-    if isinstance(value, int):
-        return max(value, 0)
-    return ops.maximum(value, 0)
+    # A size is an int, a tensor (TensorFlow, unknown until the graph runs)
+    # or a symbolic int (torch.compile with dynamic shapes), which compares
+    # like an int and must stay one.
+    if ops.is_tensor(value):
+        return ops.maximum(value, 0)
+    return max(value, 0)
 
 
 def _is_zero(value) -> bool:
@@ -277,7 +283,7 @@ def _is_zero(value) -> bool:
 def _pad(x, widths):
     if all(_is_zero(v) for pair in widths for v in pair):
         return x
-    return ops.pad(x, widths)
+    return _backend.pad(x, widths)
 
 
 def _crop(x, axis, length):
