@@ -37,7 +37,8 @@ def custom_gradient(forward: Callable, backward: Callable) -> Callable:
 
 
 def pad(x, widths: Sequence[tuple[int, int]]):
-    """``x`` with ``widths[axis] = (before, after)`` zeros added on each axis."""
+    """``x`` with ``widths[axis] = (before, after)`` zeros added to each
+    axis."""
     return _PAD[_BACKEND](x, widths)
 
 

@@ -10,6 +10,9 @@ differences are the others.
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# float64 tests need JAX's 64-bit mode, which is off by default and must be
+# on before JAX first runs.
+os.environ.setdefault("JAX_ENABLE_X64", "true")
 
 # Importing torch after TensorFlow can crash; Keras's own test suite imports
 # it first for the same reason.
