@@ -24,7 +24,32 @@ def correlate(
 
     ``x`` is ``(N, *S, C_in)``, ``w`` is ``(*K, C_in // groups, C_out)``.
     """
+    empty = _empty_result(x, w, strides, dilation)
+    if empty is not None:
+        return keras.ops.zeros(empty, dtype=x.dtype)
     return _CORRELATE[_BACKEND](x, w, tuple(strides), tuple(dilation), groups)
+
+
+def _empty_result(x, w, strides, dilation):
+    """The result's shape when it is empty or a sum of no terms, else None.
+
+    Backends refuse such convolutions (an input shorter than the kernel, a
+    kernel or a channel axis of size zero), yet the backward rules meet them
+    whenever a batch or an input is empty: the kernel gradient of an empty
+    batch is a correlation over zero "channels". Their value is zeros.
+    """
+    rank = len(strides)
+    sizes = (*x.shape, *w.shape)
+    if any(n is None for n in sizes):
+        return None
+    lengths = [
+        max((n - (k - 1) * d - 1) // s + 1, 0)
+        for n, k, s, d in zip(x.shape[1:-1], w.shape[:rank], strides, dilation)
+    ]
+    shape = (x.shape[0], *lengths, w.shape[-1])
+    if 0 in shape or 0 in w.shape:
+        return shape
+    return None
 
 
 def custom_gradient(forward: Callable, backward: Callable) -> Callable:
@@ -120,15 +145,6 @@ def _torch_correlate(x, w, strides, dilation, groups):
     import torch.nn.functional as F
 
     rank = len(strides)
-    lengths = [
-        (n - (k - 1) * d - 1) // s + 1
-        for n, k, s, d in zip(x.shape[1:-1], w.shape[:rank], strides, dilation)
-    ]
-    if x.numel() == 0 or w.numel() == 0 or min(lengths) <= 0:
-        # torch refuses empty convolutions (an input shorter than the
-        # kernel, an empty kernel); their value is an empty or all-zero sum.
-        shape = (x.shape[0], *(max(n, 0) for n in lengths), w.shape[-1])
-        return x.new_zeros(shape)
     channels_first = (0, rank + 1, *range(1, rank + 1))
     channels_last = (0, *range(2, rank + 2), 1)
     conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
@@ -148,6 +164,7 @@ def _torch_pad(x, widths):
     # keras.ops.pad builds a Keras Operation object on every call, a side
     # effect torch.compile refuses inside an autograd function; F.pad is the
     # same zero padding without it. F.pad lists the last axis first.
+    x = keras.ops.convert_to_tensor(x)
     return F.pad(x, [v for pair in reversed(widths) for v in pair])
 
 

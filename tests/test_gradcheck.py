@@ -1,42 +1,70 @@
-"""RotConv2D's gradients against float64 finite differences and the NumPy
-transcription of the derivation, which must agree with each other too."""
+"""RotConv1D/2D/3D gradients against float64 finite differences and the
+NumPy transcription of the derivation, which must agree with each other
+too."""
 
-import keras
 import numpy as np
 import pytest
 from conftest import (
     FD_RTOL,
     FLOAT64_RTOL,
+    LAYERS,
     assert_close,
     gradients,
+    make_twins,
     numeric_gradient,
     penalty_gradients,
     share_random_weights,
     to_numpy,
 )
 
-from keras_rotconv import RotConv2D, reference
+from keras_rotconv import reference
 
 CASES = [
     pytest.param(
         dict(filters=3, kernel_size=3, strides=2, padding="same"),
         (1, 5, 6, 2),
-        id="stride2-same",
+        id="2d-stride2-same",
     ),
     pytest.param(
         dict(filters=2, kernel_size=(3, 2), dilation_rate=(2, 1)),
         (2, 6, 5, 2),
-        id="dilation21-valid",
+        id="2d-dilation21-valid",
     ),
     pytest.param(
         dict(filters=4, kernel_size=2, groups=2, padding="same"),
         (1, 5, 5, 4),
-        id="groups2-same",
+        id="2d-groups2-same",
     ),
     pytest.param(
         dict(filters=4, kernel_size=3, strides=3, groups=2),
         (1, 7, 8, 2),
-        id="depthwise-stride3",
+        id="2d-depthwise-stride3",
+    ),
+    pytest.param(
+        dict(filters=3, kernel_size=3, dilation_rate=2, padding="causal"),
+        (2, 9, 2),
+        id="1d-causal-dilation2",
+    ),
+    pytest.param(
+        dict(filters=4, kernel_size=2, strides=3, padding="same", groups=2),
+        (1, 10, 4),
+        id="1d-stride3-same-groups2",
+    ),
+    pytest.param(
+        dict(filters=3, kernel_size=(2, 3, 2), strides=(2, 1, 2)),
+        (1, 5, 4, 5, 2),
+        id="3d-stride212-valid",
+    ),
+    pytest.param(
+        dict(
+            filters=4,
+            kernel_size=2,
+            dilation_rate=(1, 2, 1),
+            padding="same",
+            groups=2,
+        ),
+        (1, 4, 5, 3, 2),
+        id="3d-dilation121-same-depthwise",
     ),
     pytest.param(
         dict(
@@ -46,13 +74,47 @@ CASES = [
             data_format="channels_first",
         ),
         (1, 2, 5, 4),
-        id="channels-first",
+        id="2d-channels-first",
+    ),
+    pytest.param(
+        dict(
+            filters=2,
+            kernel_size=3,
+            strides=2,
+            padding="causal",
+            data_format="channels_first",
+        ),
+        (2, 3, 8),
+        id="1d-causal-channels-first",
+    ),
+    pytest.param(
+        dict(
+            filters=2,
+            kernel_size=(2, 2, 1),
+            padding="same",
+            data_format="channels_first",
+        ),
+        (1, 2, 3, 4, 3),
+        id="3d-channels-first",
     ),
 ]
 
 
+def _sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
 def _layer(config, shape):
-    layer = RotConv2D(**config, activation="tanh", dtype="float64")
+    # Sigmoid keeps float64 on every backend (on JAX Keras computes tanh of
+    # float64 in float32), and its derivative makes the input delta depend
+    # on z.
+    rot_class, _ = LAYERS[len(shape) - 2]
+    layer = rot_class(
+        **config,
+        activation="sigmoid",
+        dtype="float64",
+        kernel_initializer="zeros",  # replaced below, and fast on JAX
+    )
     layer.build(shape)
     share_random_weights([layer])
     return layer
@@ -72,7 +134,7 @@ def _reference_gradients(config, layer, x, upstream):
         kernel,
         bias,
         _channels_last(config, upstream),
-        act_derivative=lambda z: 1 - np.tanh(z) ** 2,
+        act_derivative=lambda z: _sigmoid(z) * (1 - _sigmoid(z)),
         strides=layer.strides,
         dilation=layer.dilation_rate,
         padding=layer.padding,
@@ -93,7 +155,9 @@ def test_against_finite_differences_and_reference(config, shape):
 
     def loss():
         layer.set_weights([kernel, bias])
-        return float(np.sum(to_numpy(layer(x)) * upstream))
+        y = to_numpy(layer(x))
+        assert y.dtype == "float64", y.dtype
+        return float(np.sum(y * upstream))
 
     numeric = {
         "x": numeric_gradient(loss, x),
@@ -118,20 +182,23 @@ def test_against_finite_differences_and_reference(config, shape):
         assert_close(derived, counted, FLOAT64_RTOL, f"d/d{name} vs reference")
 
 
-def test_channels_first_bias_when_width_equals_filters():
+@pytest.mark.parametrize("rank", sorted(LAYERS))
+def test_channels_first_bias_when_width_equals_filters(rank):
     """Keras's TensorFlow backend can add a channels-first bias along the
     wrong axis when the last spatial size equals ``filters`` (its add guesses
-    the layout from shapes). The reference, not Conv2D, is the oracle."""
+    the layout from shapes). The reference, not the built-in layer, is the
+    oracle."""
     config = dict(filters=4, kernel_size=2, data_format="channels_first")
-    shape = (2, 3, 5, 5)  # output width 4 == filters
-    layer = RotConv2D(**config, dtype="float64")
+    shape = (2, 3, *(5,) * rank)  # output width 4 == filters
+    rot_class, _ = LAYERS[rank]
+    layer = rot_class(**config, dtype="float64", kernel_initializer="zeros")
     layer.build(shape)
     share_random_weights([layer])
     kernel, bias = (to_numpy(w) for w in layer.weights)
     x = np.random.default_rng(3).standard_normal(shape)
 
     expected = reference.forward(
-        np.moveaxis(x, 1, -1), kernel, bias, (1, 1), (1, 1), "valid"
+        np.moveaxis(x, 1, -1), kernel, bias, (1,) * rank, (1,) * rank, "valid"
     )
     assert_close(
         to_numpy(layer(x)),
@@ -141,16 +208,12 @@ def test_channels_first_bias_when_width_equals_filters():
     )
 
 
-@pytest.mark.parametrize(("config", "shape"), CASES[:4])
-def test_gradient_penalty_matches_conv2d(config, shape):
+@pytest.mark.parametrize(("config", "shape"), CASES[:8])
+def test_gradient_penalty_matches_builtin(config, shape):
     """Second order: d/dkernel and d/dbias of ||dC/dx||^2. The derived
     backward rules are themselves differentiated (by the same rules)."""
-    config = dict(config, activation="tanh", dtype="float64")
-    rot = RotConv2D(**config)
-    twin = keras.layers.Conv2D(**config)
-    rot.build(shape)
-    twin.build(shape)
-    share_random_weights([rot, twin])
+    config = dict(config, activation="sigmoid", dtype="float64")
+    rot, twin = make_twins(*LAYERS[len(shape) - 2], config, shape)
     rng = np.random.default_rng(4)
     x = rng.standard_normal(shape)
     upstream = rng.standard_normal(rot.compute_output_shape(shape))

@@ -1,92 +1,167 @@
-"""RotConv2D against keras.layers.Conv2D holding the same weights.
+"""RotConv1D/2D/3D against keras.layers.Conv1D/2D/3D holding the same
+weights.
 
 Outputs and the gradients with respect to the input, the kernel and the bias
-are compared over a grid of configurations, in float64 and float32. The
-built-in layer's gradients come from the backend's own autodiff (on
-TensorFlow, ``tf.GradientTape`` through TensorFlow's convolution-gradient
-kernels), which RotConv2D never uses.
+are compared over a grid of configurations per rank, in float64 and float32,
+on whichever backend runs the suite. The built-in layer's gradients come from
+that backend's own autodiff (``tf.GradientTape``, ``jax.grad``, torch
+autograd) through its own convolution gradient, which the RotConv layers
+never use.
 """
 
 import itertools
 import random
 
-import keras
 import numpy as np
 import pytest
-from conftest import RTOL, assert_close, gradients, share_random_weights
+from conftest import LAYERS, RTOL, assert_close, gradients, share_random_weights
 
-from keras_rotconv import RotConv2D
-
-KERNELS = [1, 2, 3, 5, (3, 2)]
-# (strides, dilation_rate): Keras rejects strides > 1 with dilation > 1.
-MOTIONS = [
-    (1, 1),
-    (2, 1),
-    (3, 1),
-    ((2, 1), 1),
-    (1, 2),
-    (1, (2, 1)),
-]
-PADDINGS = ["valid", "same"]
 # (groups, input channels, filters); "depthwise" is groups == channels.
 GROUPINGS = {"g1": (1, 3, 4), "g2": (2, 4, 6), "depthwise": (3, 3, 6)}
 SIZES = ["odd", "even", "barely"]
+# Smooth and piecewise-linear activations whose float64 results stay
+# float64 on every backend (on JAX, Keras computes tanh of float64 in
+# float32; see test_backends.py).
+ACTIVATIONS = [None, "relu", "sigmoid"]
+DATA_FORMATS = ["channels_last", "channels_first"]
+BATCHES = [1, 3]
+
+# The values each rank's grid covers. A motion is (strides, dilation_rate):
+# Keras rejects strides > 1 together with dilation > 1.
+VALUES = {
+    1: dict(
+        kernels=[1, 2, 3, 5],
+        motions=[(1, 1), (2, 1), (3, 1), (1, 2)],
+        paddings=["valid", "same", "causal"],
+    ),
+    2: dict(
+        kernels=[1, 2, 3, 5, (3, 2)],
+        motions=[(1, 1), (2, 1), (3, 1), ((2, 1), 1), (1, 2), (1, (2, 1))],
+        paddings=["valid", "same"],
+    ),
+    3: dict(
+        kernels=[1, 2, 3, (3, 1, 2)],
+        motions=[(1, 1), (2, 1), ((1, 2, 3), 1), (1, 2), (1, (2, 1, 1))],
+        paddings=["valid", "same"],
+    ),
+}
+# Smallest spatial sizes of odd and even inputs per rank; each axis grows to
+# the dilated kernel when that is larger.
+SMALLEST = {
+    1: {"odd": (9,), "even": (8,)},
+    2: {"odd": (7, 9), "even": (8, 6)},
+    3: {"odd": (5, 7, 5), "even": (6, 4, 6)},
+}
 
 
-def _pair(value):
-    return value if isinstance(value, tuple) else (value, value)
+def _tuple(value, rank):
+    return value if isinstance(value, tuple) else (value,) * rank
 
 
-def _spatial(size, kernel, dilation):
-    """Input height and width of the given kind, never smaller than the
-    dilated kernel."""
-    extent = [(k - 1) * d + 1 for k, d in zip(_pair(kernel), _pair(dilation))]
+def _spatial(rank, size, kernel, dilation):
+    """Input sizes of the given kind, never smaller than the dilated
+    kernel."""
+    extent = [
+        (k - 1) * d + 1
+        for k, d in zip(_tuple(kernel, rank), _tuple(dilation, rank))
+    ]
     if size == "barely":
-        # One row more than the kernel spans, and not a column more.
-        return (extent[0] + 1, extent[1])
+        # One position more than the kernel spans on the first axis, and not
+        # a position more on the others.
+        return (extent[0] + 1, *extent[1:])
     parity = 1 if size == "odd" else 0
-    smallest = (7, 9) if size == "odd" else (8, 6)
-    return tuple(n + (n % 2 != parity) for n in map(max, smallest, extent))
+    return tuple(
+        n + (n % 2 != parity) for n in map(max, SMALLEST[rank][size], extent)
+    )
 
 
-def _grid():
-    """Every kernel x motion x padding x grouping; data format, batch size,
-    input size and activation vary with a fixed seed so that each value of
-    each meets many of the others."""
-    cases = []
-    for kernel, (strides, dilation), padding, grouping in itertools.product(
-        KERNELS, MOTIONS, PADDINGS, GROUPINGS
-    ):
-        draw = random.Random(len(cases))
-        groups, channels, filters = GROUPINGS[grouping]
-        data_format = draw.choice(["channels_last", "channels_first"])
-        batch = draw.choice([1, 3])
-        size = draw.choice(SIZES)
-        activation = draw.choice([None, "relu", "tanh"])
-        config = dict(
-            filters=filters,
-            kernel_size=kernel,
-            strides=strides,
-            padding=padding,
-            dilation_rate=dilation,
-            groups=groups,
-            activation=activation,
-            data_format=data_format,
+def _all_pairs(factors):
+    """Rows (dicts of factor name to value) in which every value of each
+    factor meets every value of each other factor at least once: greedily,
+    each row is the combination that covers the most pairs not yet seen."""
+    names = list(factors)
+    combos = list(itertools.combinations(range(len(names)), 2))
+
+    def pairs(row):
+        return {(a, row[a], b, row[b]) for a, b in combos}
+
+    candidates = list(
+        itertools.product(*(range(len(factors[n])) for n in names))
+    )
+    uncovered = set().union(*map(pairs, candidates))
+    rows = []
+    while uncovered:
+        best = max(candidates, key=lambda row: len(pairs(row) & uncovered))
+        uncovered -= pairs(best)
+        rows.append({n: factors[n][i] for n, i in zip(names, best)})
+    return rows
+
+
+def _designs(rank):
+    """The grid of one rank. 1D and 2D: every kernel x motion x padding x
+    grouping, with data format, batch size, input size and activation drawn
+    with a fixed seed so that each value of each meets many of the others.
+    3D: every pair of values of kernel, motion, padding, grouping and data
+    format (a pairwise covering design, to keep the slower 3D cases few),
+    the rest drawn."""
+    values = VALUES[rank]
+    if rank == 3:
+        rows = _all_pairs(
+            dict(
+                kernel=values["kernels"],
+                motion=values["motions"],
+                padding=values["paddings"],
+                grouping=list(GROUPINGS),
+                data_format=DATA_FORMATS,
+            )
         )
-        height, width = _spatial(size, kernel, dilation)
-        if data_format == "channels_last":
-            shape = (batch, height, width, channels)
-        else:
-            shape = (batch, channels, height, width)
-        name = (
-            f"k{kernel}-s{strides}-d{dilation}-{padding}-{grouping}-"
-            f"{data_format[9:]}-n{batch}-{size}-{activation}"
-        ).replace(" ", "")
-        cases.append(pytest.param(config, shape, id=name))
-    return cases
+    else:
+        rows = [
+            dict(kernel=k, motion=m, padding=p, grouping=g)
+            for k, m, p, g in itertools.product(
+                values["kernels"],
+                values["motions"],
+                values["paddings"],
+                GROUPINGS,
+            )
+        ]
+    for index, row in enumerate(rows):
+        draw = random.Random(index)
+        row.setdefault("data_format", draw.choice(DATA_FORMATS))
+        row["batch"] = draw.choice(BATCHES)
+        row["size"] = draw.choice(SIZES)
+        row["activation"] = draw.choice(ACTIVATIONS)
+    return rows
 
 
-GRID = _grid()
+def _case(rank, row):
+    groups, channels, filters = GROUPINGS[row["grouping"]]
+    strides, dilation = row["motion"]
+    config = dict(
+        filters=filters,
+        kernel_size=row["kernel"],
+        strides=strides,
+        padding=row["padding"],
+        dilation_rate=dilation,
+        groups=groups,
+        activation=row["activation"],
+        data_format=row["data_format"],
+    )
+    spatial = _spatial(rank, row["size"], row["kernel"], dilation)
+    if row["data_format"] == "channels_last":
+        shape = (row["batch"], *spatial, channels)
+    else:
+        shape = (row["batch"], channels, *spatial)
+    name = (
+        f"{rank}d-k{row['kernel']}-s{strides}-d{dilation}-{row['padding']}-"
+        f"{row['grouping']}-{row['data_format'][9:]}-n{row['batch']}-"
+        f"{row['size']}-{row['activation']}"
+    ).replace(" ", "")
+    return pytest.param(rank, config, shape, id=name)
+
+
+DESIGNS = {rank: _designs(rank) for rank in LAYERS}
+GRID = [_case(rank, row) for rank in LAYERS for row in DESIGNS[rank]]
 
 
 def _to_last(x):
@@ -98,8 +173,8 @@ def _to_first(x):
 
 
 def twin_gradients(twin, x, upstream, data_format):
-    """The built-in layer's results in ``data_format``. Conv2D cannot run
-    channels-first on TensorFlow's CPU kernels, so the twin is always
+    """The built-in layer's results in ``data_format``. TensorFlow's CPU
+    kernels cannot run channels-first convolutions, so the twin is always
     channels-last and channels-first tensors are transposed around it: the
     same convolution, computed by an independent path."""
     if data_format == "channels_last":
@@ -109,13 +184,16 @@ def twin_gradients(twin, x, upstream, data_format):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize(("config", "shape"), GRID)
-def test_matches_conv2d(config, shape, dtype):
-    rot = RotConv2D(**config, dtype=dtype)
+@pytest.mark.parametrize(("rank", "config", "shape"), GRID)
+def test_matches_builtin(rank, config, shape, dtype):
+    rot_class, keras_class = LAYERS[rank]
+    # The weights are replaced below; a zeros initializer skips Keras's
+    # random one, which compiles a JAX program per kernel shape (seconds per
+    # layer on CPU).
+    config = dict(config, dtype=dtype, kernel_initializer="zeros")
+    rot = rot_class(**config)
     rot.build(shape)
-    twin = keras.layers.Conv2D(
-        **dict(config, data_format="channels_last"), dtype=dtype
-    )
+    twin = keras_class(**dict(config, data_format="channels_last"))
     if config["data_format"] == "channels_first":
         twin.build((shape[0], *shape[2:], shape[1]))
     else:
@@ -139,23 +217,37 @@ def test_matches_conv2d(config, shape, dtype):
     assert_close(dvars["bias"], dvars_ref["bias"], rtol, "dC/dbias")
 
 
-def test_grid_covers_every_listed_value():
-    """The seeded draws above must not leave a value of the issue's grid
-    unused (a guard against an unlucky seed after edits)."""
-    ids = [case.id for case in GRID]
-    for needle in ["channels_last", "channels_first"]:
-        assert any(needle[9:] in i for i in ids), needle
-    for needle in [
-        "-n1-",
-        "-n3-",
-        "-odd-",
-        "-even-",
-        "-barely-",
-        "-None",
-        "-relu",
-        "-tanh",
-    ]:
-        assert any(needle in i for i in ids), needle
-    assert len(GRID) == (
-        len(KERNELS) * len(MOTIONS) * len(PADDINGS) * len(GROUPINGS)
+@pytest.mark.parametrize("rank", sorted(LAYERS))
+def test_grid_covers_every_listed_value(rank):
+    """Every listed value appears in the rank's grid, and in 3D every pair
+    of the covered factors appears together (a guard against an unlucky
+    seed or a broken design after edits)."""
+    rows = DESIGNS[rank]
+    values = VALUES[rank]
+    listed = dict(
+        kernel=values["kernels"],
+        motion=values["motions"],
+        padding=values["paddings"],
+        grouping=list(GROUPINGS),
+        data_format=DATA_FORMATS,
+        batch=BATCHES,
+        size=SIZES,
+        activation=ACTIVATIONS,
     )
+    for factor, options in listed.items():
+        for option in options:
+            assert any(row[factor] == option for row in rows), (factor, option)
+    if rank == 3:
+        paired = ["kernel", "motion", "padding", "grouping", "data_format"]
+        for a, b in itertools.combinations(paired, 2):
+            for u, v in itertools.product(listed[a], listed[b]):
+                assert any(row[a] == u and row[b] == v for row in rows), (
+                    f"{a}={u} never meets {b}={v}"
+                )
+    else:
+        assert len(rows) == (
+            len(values["kernels"])
+            * len(values["motions"])
+            * len(values["paddings"])
+            * len(GROUPINGS)
+        )

@@ -1,17 +1,24 @@
 """TensorFlow-specific guarantees: the gradient graph holds none of
 TensorFlow's convolution-gradient kernels, and unknown spatial sizes work
-inside tf.function."""
+inside tf.function. (test_backends.py has the JAX and torch counterparts.)"""
 
-import keras
-import numpy as np
 import pytest
-from conftest import BACKEND, FLOAT64_RTOL, assert_close, make_twins, to_numpy
-
-from keras_rotconv import RotConv2D
+from conftest import (
+    BACKEND,
+    FLOAT64_RTOL,
+    LAYERS,
+    assert_close,
+    make_twins,
+    to_numpy,
+)
 
 if BACKEND != "tensorflow":
-    pytest.skip("TensorFlow graphs only", allow_module_level=True)
+    pytest.skip(
+        "tf.function graphs exist only on the TensorFlow backend",
+        allow_module_level=True,
+    )
 
+import numpy as np
 import tensorflow as tf
 
 BACKPROP_OPS = {
@@ -21,15 +28,51 @@ BACKPROP_OPS = {
     "Conv2DBackpropFilterV2",
     "DepthwiseConv2dNativeBackpropInput",
     "DepthwiseConv2dNativeBackpropFilter",
+    "Conv3DBackpropInput",
+    "Conv3DBackpropInputV2",
+    "Conv3DBackpropFilter",
+    "Conv3DBackpropFilterV2",
 }
+# TensorFlow runs 1D convolutions as 2D ones.
+FORWARD_OPS = {"Conv2D", "Conv3D", "Conv", "DepthwiseConv2dNative"}
 
+# (rank, name): (config, input shape)
 CONFIGS = {
-    "stride2-same": dict(filters=4, kernel_size=3, strides=2, padding="same"),
-    "dilation2": dict(filters=4, kernel_size=3, dilation_rate=2),
-    "groups2": dict(filters=4, kernel_size=(3, 2), groups=2),
-    "depthwise": dict(filters=4, kernel_size=3, groups=4, strides=(2, 1)),
-    "channels-first": dict(
-        filters=4, kernel_size=2, data_format="channels_first"
+    (2, "stride2-same"): (
+        dict(filters=4, kernel_size=3, strides=2, padding="same"),
+        (2, 9, 8, 4),
+    ),
+    (2, "dilation2"): (
+        dict(filters=4, kernel_size=3, dilation_rate=2),
+        (2, 9, 8, 4),
+    ),
+    (2, "groups2"): (
+        dict(filters=4, kernel_size=(3, 2), groups=2),
+        (2, 9, 8, 4),
+    ),
+    (2, "depthwise"): (
+        dict(filters=4, kernel_size=3, groups=4, strides=(2, 1)),
+        (2, 9, 8, 4),
+    ),
+    (2, "channels-first"): (
+        dict(filters=4, kernel_size=2, data_format="channels_first"),
+        (2, 4, 9, 8),
+    ),
+    (1, "causal-stride2"): (
+        dict(filters=4, kernel_size=3, strides=2, padding="causal"),
+        (2, 9, 4),
+    ),
+    (1, "dilation2-groups2"): (
+        dict(filters=4, kernel_size=2, dilation_rate=2, groups=2),
+        (2, 9, 4),
+    ),
+    (3, "stride212-same"): (
+        dict(filters=4, kernel_size=2, strides=(2, 1, 2), padding="same"),
+        (2, 5, 6, 5, 4),
+    ),
+    (3, "dilation121-groups2"): (
+        dict(filters=4, kernel_size=2, dilation_rate=(1, 2, 1), groups=2),
+        (2, 5, 6, 5, 4),
     ),
 }
 
@@ -57,35 +100,35 @@ def first_and_second_order_graph(layer, shape):
     return step.get_concrete_function(tf.TensorSpec(shape, tf.float32))
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_gradient_graph_has_no_conv_backprop_ops(name):
-    shape = (2, 9, 8, 4) if "first" not in name else (2, 4, 9, 8)
-    rot, twin = make_twins(RotConv2D, keras.layers.Conv2D, CONFIGS[name], shape)
+@pytest.mark.parametrize(
+    ("rank", "name"),
+    sorted(CONFIGS),
+    ids=[f"{r}d-{n}" for r, n in sorted(CONFIGS)],
+)
+def test_gradient_graph_has_no_conv_backprop_ops(rank, name):
+    config, shape = CONFIGS[rank, name]
+    rot, twin = make_twins(*LAYERS[rank], config, shape)
     rot_ops = op_types(first_and_second_order_graph(rot, shape))
     assert not rot_ops & BACKPROP_OPS, sorted(rot_ops & BACKPROP_OPS)
-    assert rot_ops & {"Conv2D", "Conv", "DepthwiseConv2dNative"}
+    assert rot_ops & FORWARD_OPS
     if "first" not in name:
         # The same graph for the built-in layer does use them, which shows
-        # the check above can see them.
+        # the check above can see them. (The built-in layer cannot run
+        # channels-first on TensorFlow's CPU kernels.)
         twin_ops = op_types(first_and_second_order_graph(twin, shape))
         assert twin_ops & BACKPROP_OPS
 
 
-@pytest.mark.parametrize(
-    "shapes", [[(2, 9, 6, 3), (1, 4, 5, 3), (3, 11, 11, 3)]], ids=["three"]
-)
-def test_unknown_spatial_sizes_in_tf_function(shapes):
+@pytest.mark.parametrize("rank", sorted(LAYERS))
+def test_unknown_spatial_sizes_in_tf_function(rank):
     config = dict(
         filters=4, kernel_size=3, strides=2, padding="same", dtype="float64"
     )
-    rot, twin = make_twins(
-        RotConv2D, keras.layers.Conv2D, config, (None, None, None, 3)
-    )
+    rot, twin = make_twins(*LAYERS[rank], config, (None, *(None,) * rank, 3))
+    spec = tf.TensorSpec([None, *(None,) * rank, 3], tf.float64)
 
     def trace(layer):
-        @tf.function(
-            input_signature=[tf.TensorSpec([None, None, None, 3], tf.float64)]
-        )
+        @tf.function(input_signature=[spec])
         def step(x):
             with tf.GradientTape() as tape:
                 tape.watch(x)
@@ -97,7 +140,8 @@ def test_unknown_spatial_sizes_in_tf_function(shapes):
 
     rot_step, twin_step = trace(rot), trace(twin)
     rng = np.random.default_rng(0)
-    for shape in shapes:
+    for sizes in [(2, 9, 6, 4), (1, 4, 5, 3), (3, 11, 11, 5)]:
+        shape = (sizes[0], *sizes[1 : rank + 1], 3)
         x = tf.constant(rng.standard_normal(shape))
         for name, mine, theirs in zip(
             ["y", "dx", "dkernel", "dbias"],

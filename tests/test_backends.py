@@ -1,0 +1,332 @@
+"""The derived backward pass on every backend: it is the one that runs, a bug
+in it raises instead of hiding, and the layers compile under each backend's
+own compiler (TensorFlow's graph checks are in test_tensorflow.py)."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from conftest import (
+    BACKEND,
+    FLOAT64_RTOL,
+    LAYERS,
+    assert_close,
+    gradients,
+    make_twins,
+    to_numpy,
+)
+
+from keras_rotconv import _backend, ops
+
+# Strided, so that a framework's own conv gradient would need a transposed
+# (input-dilated) convolution, which the derived rules never use.
+CONFIGS = {
+    1: dict(filters=4, kernel_size=3, strides=2, padding="causal"),
+    2: dict(filters=4, kernel_size=3, strides=2, padding="same", groups=2),
+    3: dict(filters=4, kernel_size=(2, 3, 2), strides=(2, 1, 2)),
+}
+SHAPES = {1: (2, 9, 2), 2: (2, 7, 6, 2), 3: (1, 5, 4, 5, 2)}
+RANKS = pytest.mark.parametrize("rank", sorted(LAYERS))
+
+
+def _twins(rank, dtype="float64"):
+    config = dict(CONFIGS[rank], dtype=dtype)
+    return make_twins(*LAYERS[rank], config, SHAPES[rank])
+
+
+def _inputs(rank, layer, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(SHAPES[rank])
+    return x, rng.standard_normal(layer.compute_output_shape(x.shape))
+
+
+@RANKS
+def test_each_derived_rule_runs_for_the_gradient(rank, monkeypatch):
+    """The backward pass calls ops.input_delta, ops.kernel_gradient and
+    ops.bias_gradient, on every backend, and its result is what the
+    backend's autodiff returns."""
+    calls = {}
+    for name in ("input_delta", "kernel_gradient", "bias_gradient"):
+        rule = getattr(ops, name)
+
+        def counted(*args, _rule=rule, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _rule(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, counted)
+    rot, twin = _twins(rank)
+    x, upstream = _inputs(rank, rot)
+    _, dx, dvars = gradients(rot, x, upstream)
+    assert calls == {"input_delta": 1, "kernel_gradient": 1, "bias_gradient": 1}
+    _, dx_ref, dvars_ref = gradients(twin, x, upstream)
+    assert_close(dx, dx_ref, FLOAT64_RTOL, "dC/dx")
+    assert_close(dvars["kernel"], dvars_ref["kernel"], FLOAT64_RTOL, "dC/dw")
+
+
+@RANKS
+def test_an_error_in_the_backward_pass_raises(rank, monkeypatch):
+    """No backend turns an exception inside the derived gradient into NaNs
+    or zeros (keras.ops.custom_gradient on torch would)."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted in input_delta")
+
+    monkeypatch.setattr(ops, "input_delta", broken)
+    rot, _ = _twins(rank)
+    x, upstream = _inputs(rank, rot)
+    with pytest.raises(RuntimeError, match="planted in input_delta"):
+        gradients(rot, x, upstream)
+
+
+@RANKS
+def test_an_error_in_the_forward_pass_raises(rank, monkeypatch):
+    """The same for the forward function wrapped by the custom gradient,
+    whose exceptions keras.ops.custom_gradient swallows on torch."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted in correlate")
+
+    monkeypatch.setattr(_backend, "correlate", broken)
+    rot, _ = _twins(rank)
+    x, upstream = _inputs(rank, rot)
+    with pytest.raises(RuntimeError, match="planted in correlate"):
+        gradients(rot, x, upstream)
+
+
+@RANKS
+def test_float64_tanh_output_dtype_matches_builtin(rank):
+    """On JAX, Keras computes tanh of float64 in float32 (its type promotion
+    maps float64 to float32 outside TensorFlow), for the built-in layers as
+    for these; the float64 tests therefore use sigmoid, which keeps float64
+    everywhere."""
+    config = dict(CONFIGS[rank], activation="tanh", dtype="float64")
+    rot, twin = make_twins(*LAYERS[rank], config, SHAPES[rank])
+    x = np.random.default_rng(0).standard_normal(SHAPES[rank])
+    assert to_numpy(rot(x)).dtype == to_numpy(twin(x)).dtype
+    sigmoid = LAYERS[rank][0](
+        **dict(config, activation="sigmoid", kernel_initializer="zeros")
+    )
+    assert to_numpy(sigmoid(x)).dtype == "float64"
+
+
+# JAX ---------------------------------------------------------------------
+
+jax_only = pytest.mark.skipif(BACKEND != "jax", reason="JAX programs only")
+
+
+def _jax_equations(closed_jaxpr):
+    """Every equation of a traced JAX program, nested programs included."""
+    stack, found = [closed_jaxpr.jaxpr], []
+    while stack:
+        jaxpr = stack.pop()
+        for eqn in jaxpr.eqns:
+            found.append(eqn)
+            for param in eqn.params.values():
+                for value in param if isinstance(param, tuple) else (param,):
+                    if hasattr(value, "eqns"):
+                        stack.append(value)
+                    elif hasattr(value, "jaxpr"):
+                        stack.append(value.jaxpr)
+    return found
+
+
+def _jax_gradient_programs(layer, x):
+    """The traced programs of dC/d(weights, x) and of the gradient of a
+    gradient penalty, C = Σ sin(y)."""
+    import jax
+    import jax.numpy as jnp
+
+    weights = [v.value for v in layer.trainable_variables]
+
+    def loss(weights, x):
+        y, _ = layer.stateless_call(weights, [], x)
+        return jnp.sum(jnp.sin(y))
+
+    def penalty(weights, x):
+        return jnp.sum(jax.grad(loss, argnums=1)(weights, x) ** 2)
+
+    first = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(weights, x)
+    second = jax.make_jaxpr(jax.grad(penalty))(weights, x)
+    return first, second
+
+
+@jax_only
+@RANKS
+def test_jax_gradient_program_is_the_custom_vjp(rank):
+    """The gradient programs hold the custom VJP and no transposed
+    convolution (JAX's own conv gradient dilates its input by the strides),
+    to second order; the built-in layer's program has one, which shows the
+    check can see it."""
+    rot, twin = _twins(rank)
+    x = np.random.default_rng(0).standard_normal(SHAPES[rank])
+
+    def transposed(eqns):
+        return [
+            e
+            for e in eqns
+            if e.primitive.name == "conv_general_dilated"
+            and any(d != 1 for d in e.params["lhs_dilation"])
+        ]
+
+    for program in _jax_gradient_programs(rot, x):
+        eqns = _jax_equations(program)
+        assert any(e.primitive.name == "custom_vjp_call" for e in eqns)
+        assert any(e.primitive.name == "conv_general_dilated" for e in eqns)
+        assert not transposed(eqns), transposed(eqns)
+    twin_first, _ = _jax_gradient_programs(twin, x)
+    assert transposed(_jax_equations(twin_first))
+
+
+@jax_only
+def test_jax_jit_retraces_for_each_input_size():
+    """Under jax.jit every size is static: one jitted gradient function
+    meets three input sizes, tracing the padding arithmetic for each."""
+    import jax
+    import jax.numpy as jnp
+
+    config = dict(filters=4, kernel_size=3, strides=2, padding="same")
+    rot, twin = make_twins(
+        *LAYERS[2], dict(config, dtype="float64"), (None, None, None, 3)
+    )
+
+    def step_for(layer):
+        def loss(weights, x):
+            y, _ = layer.stateless_call(weights, [], x)
+            return jnp.sum(y * jnp.cos(y))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    rot_step, twin_step = step_for(rot), step_for(twin)
+    rng = np.random.default_rng(0)
+    for shape in [(2, 9, 6, 3), (1, 4, 5, 3), (3, 11, 11, 3)]:
+        x = jnp.asarray(rng.standard_normal(shape))
+        mine = rot_step([v.value for v in rot.trainable_variables], x)
+        theirs = twin_step([v.value for v in twin.trainable_variables], x)
+        for name, a, b in zip(
+            ["dkernel", "dbias", "dx"],
+            [*mine[0], mine[1]],
+            [*theirs[0], theirs[1]],
+            strict=True,
+        ):
+            assert_close(to_numpy(a), to_numpy(b), FLOAT64_RTOL, name)
+
+
+# torch -------------------------------------------------------------------
+
+torch_only = pytest.mark.skipif(
+    BACKEND != "torch", reason="torch autograd graphs only"
+)
+
+
+def _autograd_nodes(tensor):
+    """The class names of every node of the autograd graph behind
+    ``tensor``."""
+    stack, seen, names = [tensor.grad_fn], set(), set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@torch_only
+@RANKS
+def test_torch_autograd_graph_is_the_derived_function(rank):
+    """The output's autograd graph runs the derived function, and so does
+    the graph of dC/dx built for a second derivative; neither holds
+    torch's own convolution backward, which the built-in layer's graph
+    does."""
+    import torch
+
+    rot, twin = _twins(rank)
+    x = torch.tensor(
+        np.random.default_rng(0).standard_normal(SHAPES[rank]),
+        requires_grad=True,
+    )
+    derived = "_TorchDerivedGradientBackward"
+    builtin = {"ConvolutionBackward0", "ConvolutionBackwardBackward0"}
+
+    loss = torch.sin(rot(x)).sum()
+    (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+    for tensor in (loss, dx):
+        nodes = _autograd_nodes(tensor)
+        assert derived in nodes, sorted(nodes)
+        assert not nodes & builtin, sorted(nodes & builtin)
+    assert _autograd_nodes(torch.sin(twin(x)).sum()) & builtin
+
+
+@torch_only
+@RANKS
+def test_torch_compile_traces_the_layer_whole(rank):
+    """torch.compile(fullgraph=True) traces forward and derived backward
+    with no graph break, with the same results as eager execution. (The
+    "aot_eager" backend checks the tracing; model.fit with
+    jit_compile=True in test_training.py runs inductor.)"""
+    import torch
+
+    rot, _ = _twins(rank)
+    x, upstream = _inputs(rank, rot)
+    upstream = torch.tensor(upstream)
+
+    def loss(x):
+        return (rot(x) * upstream).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (compiled, loss):
+        xt = torch.tensor(x, requires_grad=True)
+        for v in rot.trainable_variables:
+            v.value.grad = None
+        run(xt).backward()
+        results.append(
+            [xt.grad, *(v.value.grad for v in rot.trainable_variables)]
+        )
+    for name, a, b in zip(["dx", "dkernel", "dbias"], *results, strict=True):
+        assert_close(to_numpy(a), to_numpy(b), FLOAT64_RTOL, name)
+
+
+@torch_only
+def test_torch_compile_with_dynamic_sizes():
+    """With dynamic shapes, sizes reach the padding arithmetic as symbolic
+    ints; one compiled function meets three input sizes. (Inductor in torch
+    2.13 cannot lower the forward convolution of "same" padding with stride
+    2 on symbolic spatial sizes, hence "aot_eager"; model.fit keeps spatial
+    sizes static.)"""
+    import torch
+
+    config = dict(filters=4, kernel_size=3, strides=2, padding="same")
+    rot, twin = make_twins(
+        *LAYERS[2], dict(config, dtype="float64"), (None, None, None, 3)
+    )
+
+    def loss(layer, x):
+        y = layer(x)
+        return (y * torch.cos(y)).sum()
+
+    compiled = torch.compile(
+        lambda x: loss(rot, x),
+        dynamic=True,
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    rng = np.random.default_rng(0)
+    for shape in [(2, 9, 6, 3), (1, 4, 5, 3), (3, 11, 11, 3)]:
+        x = rng.standard_normal(shape)
+        grads = []
+        for layer, run in [(rot, compiled), (twin, lambda x: loss(twin, x))]:
+            xt = torch.tensor(x, requires_grad=True)
+            variables = [v.value for v in layer.trainable_variables]
+            grads.append(torch.autograd.grad(run(xt), [xt, *variables]))
+        for name, a, b in zip(["dx", "dkernel", "dbias"], *grads, strict=True):
+            assert_close(to_numpy(a), to_numpy(b), FLOAT64_RTOL, name)
+
+
+def test_the_suite_runs_on_the_requested_backend():
+    """CI runs the suite once per KERAS_BACKEND; each run must really be on
+    that backend, in the layers' seam too."""
+    requested = os.environ.get("KERAS_BACKEND", "tensorflow")
+    assert keras.backend.backend() == requested == _backend._BACKEND
