@@ -52,11 +52,14 @@ class _RotConv:
         return outputs
 
     def _check_output_size(self, spatial, pairs, input_shape):
+        """Keras's rule: a non-empty input must give a non-empty output (an
+        empty input may give an empty output)."""
         for size, k, s, d, pad in zip(
             spatial, self.kernel_size, self.strides, self.dilation_rate, pairs
         ):
             if (
                 isinstance(size, int)
+                and size > 0
                 and rotconv_ops.output_size(size, k, s, d, pad) <= 0
             ):
                 raise ValueError(

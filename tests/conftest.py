@@ -1,0 +1,228 @@
+"""Shared helpers: tolerances, backend-neutral gradients, layer twins.
+
+The suite runs on whichever backend ``KERAS_BACKEND`` selects. Gradients of
+the built-in Keras layers come from that backend's own autodiff
+(``tf.GradientTape``, ``jax.grad`` over ``stateless_call``, torch autograd),
+and serve as one oracle; ``keras_rotconv.reference`` and float64 finite
+differences are the others.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Importing torch after TensorFlow can crash; Keras's own test suite imports
+# it first for the same reason.
+try:
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
+import keras
+import numpy as np
+
+BACKEND = keras.backend.backend()
+
+# Largest absolute difference divided by the largest magnitude of the
+# expected value. float64 rounding in sums of a few hundred terms is ~1e-15;
+# float32 is ~1e-7 per operation, so 1e-5 leaves room for different but
+# equally valid summation orders and nothing more.
+FLOAT64_RTOL = 1e-10
+FLOAT32_RTOL = 1e-5
+RTOL = {"float64": FLOAT64_RTOL, "float32": FLOAT32_RTOL}
+
+# Central differences in float64 with this step have truncation error
+# ~step**2 * |f'''| and rounding error ~1e-16 / step: ~1e-8 for these
+# smooth, O(1) losses.
+FD_STEP = 1e-5
+FD_RTOL = 1e-7
+
+
+def relative_error(actual, expected) -> float:
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (
+        f"shape {actual.shape} != expected {expected.shape}"
+    )
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
+    return float(np.max(np.abs(actual - expected), initial=0.0)) / scale
+
+
+# The largest error seen per tolerance, printed at the end of the run.
+_LARGEST_ERRORS: dict[float, tuple[float, str]] = {}
+
+
+def assert_close(actual, expected, rtol, what):
+    error = relative_error(actual, expected)
+    worst = _LARGEST_ERRORS.get(rtol, (-1.0, ""))
+    if error > worst[0]:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        _LARGEST_ERRORS[rtol] = (error, f"{what} in {test}")
+    assert error <= rtol, f"{what}: relative error {error:.3e} > {rtol:.0e}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _LARGEST_ERRORS:
+        return
+    terminalreporter.section("largest relative errors per tolerance")
+    for rtol, (error, where) in sorted(_LARGEST_ERRORS.items()):
+        terminalreporter.write_line(
+            f"tolerance {rtol:.0e}: {error:.2e} ({where})"
+        )
+
+
+def numeric_gradient(loss, array, step=FD_STEP):
+    """Central differences of ``loss()`` with respect to each entry of
+    ``array``, perturbed in place."""
+    grad = np.zeros_like(array)
+    for index in np.ndindex(*array.shape):
+        saved = array[index]
+        array[index] = saved + step
+        up = loss()
+        array[index] = saved - step
+        down = loss()
+        array[index] = saved
+        grad[index] = (up - down) / (2 * step)
+    return grad
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def gradients(layer, x, upstream):
+    """``(y, dC/dx, {variable name: dC/dvariable})`` for ``C = Σ y ·
+    upstream``, by the backend's own automatic differentiation."""
+    return _GRADIENTS[BACKEND](layer, x, upstream)
+
+
+def _tf_gradients(layer, x, upstream):
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * upstream)
+    variables = layer.trainable_variables
+    dx, *dvars = tape.gradient(loss, [x, *variables])
+    return _as_numpy(y, dx, variables, dvars)
+
+
+def _jax_gradients(layer, x, upstream):
+    import jax
+    import jax.numpy as jnp
+
+    trainable = [v.value for v in layer.trainable_variables]
+    frozen = [v.value for v in layer.non_trainable_variables]
+
+    def loss(trainable, x):
+        y, _ = layer.stateless_call(trainable, frozen, x)
+        return jnp.sum(y * upstream), y
+
+    (_, y), (dvars, dx) = jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True
+    )(trainable, jnp.asarray(x))
+    return _as_numpy(y, dx, layer.trainable_variables, dvars)
+
+
+def _torch_gradients(layer, x, upstream):
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    y = layer(x)
+    (y * torch.as_tensor(upstream)).sum().backward()
+    variables = layer.trainable_variables
+    return _as_numpy(y, x.grad, variables, [v.value.grad for v in variables])
+
+
+def _as_numpy(y, dx, variables, dvars):
+    return (
+        to_numpy(y),
+        to_numpy(dx),
+        {v.name: to_numpy(d) for v, d in zip(variables, dvars, strict=True)},
+    )
+
+
+def penalty_gradients(layer, x, upstream):
+    """``{variable name: dP/dvariable}`` for the gradient penalty
+    ``P = Σ (dC/dx)^2``, ``C = Σ y · upstream``: a second-order gradient."""
+    return _PENALTY_GRADIENTS[BACKEND](layer, x, upstream)
+
+
+def _tf_penalty_gradients(layer, x, upstream):
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    variables = layer.trainable_variables
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(layer(x) * upstream)
+        penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
+    dvars = outer.gradient(penalty, variables)
+    return {v.name: to_numpy(d) for v, d in zip(variables, dvars, strict=True)}
+
+
+def _jax_penalty_gradients(layer, x, upstream):
+    import jax
+    import jax.numpy as jnp
+
+    frozen = [v.value for v in layer.non_trainable_variables]
+
+    def penalty(trainable):
+        def loss(x):
+            y, _ = layer.stateless_call(trainable, frozen, x)
+            return jnp.sum(y * upstream)
+
+        return jnp.sum(jax.grad(loss)(x) ** 2)
+
+    variables = layer.trainable_variables
+    dvars = jax.grad(penalty)([v.value for v in variables])
+    return {v.name: to_numpy(d) for v, d in zip(variables, dvars, strict=True)}
+
+
+def _torch_penalty_gradients(layer, x, upstream):
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    loss = (layer(x) * torch.as_tensor(upstream)).sum()
+    (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+    (dx**2).sum().backward()
+    return {v.name: to_numpy(v.value.grad) for v in layer.trainable_variables}
+
+
+_PENALTY_GRADIENTS = {
+    "tensorflow": _tf_penalty_gradients,
+    "jax": _jax_penalty_gradients,
+    "torch": _torch_penalty_gradients,
+}
+
+
+_GRADIENTS = {
+    "tensorflow": _tf_gradients,
+    "jax": _jax_gradients,
+    "torch": _torch_gradients,
+}
+
+
+def make_twins(rot_class, keras_class, config, input_shape, seed=0):
+    """A RotConv layer and its built-in twin, built for ``input_shape``."""
+    rot = rot_class(**config)
+    twin = keras_class(**config)
+    rot.build(input_shape)
+    twin.build(input_shape)
+    share_random_weights([rot, twin], seed)
+    return rot, twin
+
+
+def share_random_weights(layers, seed=0):
+    """Give built layers of the same weight shapes the same random weights
+    (the bias random too, so that it matters)."""
+    rng = np.random.default_rng(seed)
+    weights = [
+        (rng.standard_normal(w.shape) * 0.5).astype(w.dtype)
+        for w in layers[0].get_weights()
+    ]
+    for layer in layers:
+        layer.set_weights(weights)
