@@ -65,6 +65,7 @@ def _add_verify(commands) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    import keras
     import tensorflow as tf
 
     from keras_rotconv import verify
@@ -72,6 +73,11 @@ def _verify(args: argparse.Namespace) -> int:
     # Keras compiles its grouped convolution anew for every layer of the
     # grid, and TensorFlow warns about each retracing.
     tf.get_logger().setLevel("ERROR")
+    if keras.backend.backend() == "jax":
+        import jax
+
+        # Without it JAX computes the float64 configurations in float32.
+        jax.config.update("jax_enable_x64", True)
     return verify.run()
 
 

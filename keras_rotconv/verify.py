@@ -4,9 +4,11 @@ For each configuration of a built-in grid, a RotConv2D and a
 ``keras.layers.Conv2D`` with the same arguments and the same weights see the
 same input. Their outputs ``y`` and their gradients ``dx``, ``dw``, ``db`` of
 ``sum(y * u)`` (``u`` a random upstream gradient, so that every output
-position carries its own weight) are compared. The built-in layer's gradient
-comes from TensorFlow's convolution-gradient kernels, an implementation
-independent of the derivation, which makes it the oracle.
+position carries its own weight) are compared. The built-in layer is
+differentiated by the backend's own automatic differentiation (on
+TensorFlow, its convolution-gradient kernels), an implementation independent
+of the derivation, which makes it the oracle. Whichever backend
+``KERAS_BACKEND`` selects is the one verified.
 
 TensorFlow's CPU convolution supports only channels-last, so for
 ``channels_first`` the oracle is the channels-last Conv2D applied between two
@@ -22,7 +24,7 @@ from typing import TextIO
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_rotconv.layers import RotConv2D
 
@@ -137,7 +139,7 @@ def check(case: Case, layer_class: type = RotConv2D, seed: int = 0) -> Result:
     shape = (case.batch, *case.spatial, case.channels)
     if case.data_format == "channels_first":
         shape = (case.batch, case.channels, *case.spatial)
-    x = tf.constant(rng.standard_normal(shape), dtype=case.dtype)
+    x = rng.standard_normal(shape).astype(case.dtype)
 
     oracle = keras.layers.Conv2D(**case.layer_kwargs())
     layer = layer_class(**case.layer_kwargs(), data_format=case.data_format)
@@ -145,16 +147,11 @@ def check(case: Case, layer_class: type = RotConv2D, seed: int = 0) -> Result:
     layer.build(shape)
     layer.set_weights(oracle.get_weights())
 
-    def oracle_call(x):
-        if case.data_format == "channels_last":
-            return oracle(x)
-        y = oracle(tf.transpose(x, (0, 2, 3, 1)))
-        return tf.transpose(y, (0, 3, 1, 2))
-
-    upstream = rng.standard_normal(oracle_call(x).shape)
-    u = tf.constant(upstream, dtype=case.dtype)
-    expected = _value_and_gradients(oracle_call, oracle, x, u)
-    actual = _value_and_gradients(layer, layer, x, u)
+    run_oracle = _applier(oracle, case.data_format == "channels_first")
+    run_layer = _applier(layer, transpose=False)
+    u = rng.standard_normal(ops.shape(run_oracle(x))).astype(case.dtype)
+    expected = _value_and_gradients(run_oracle, oracle, x, u)
+    actual = _value_and_gradients(run_layer, layer, x, u)
     errors = {
         q: None if e is None else _relative_error(a, e)
         for q, a, e in zip(QUANTITIES, actual, expected)
@@ -206,18 +203,76 @@ def _channels_last_shape(shape, data_format):
     return shape
 
 
-def _value_and_gradients(call, layer, x, u):
-    """``y = call(x)`` and the gradients of ``sum(y * u)`` with respect to
-    ``x`` and the weights of ``layer``."""
-    weights = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = call(x)
-        loss = tf.reduce_sum(y * u)
-    grads = tape.gradient(loss, [x, *weights])
+def _applier(layer, transpose: bool):
+    """``apply(x, variables=None)``: ``layer(x)``, between transposes from
+    and back to channels-first if ``transpose``. Given ``variables``, the
+    layer runs on those values of its trainable variables instead of its own
+    (JAX differentiates pure functions)."""
+
+    def apply(x, variables=None):
+        if transpose:
+            x = ops.transpose(x, (0, 2, 3, 1))
+        if variables is None:
+            y = layer(x)
+        else:
+            y, _ = layer.stateless_call(variables, [], x)
+        if transpose:
+            y = ops.transpose(y, (0, 3, 1, 2))
+        return y
+
+    return apply
+
+
+def _value_and_gradients(apply, layer, x, u):
+    """``y = apply(x)`` and the gradients of ``sum(y * u)`` with respect to
+    ``x`` and the trainable variables of ``layer`` (kernel, then bias), by
+    the backend's own automatic differentiation."""
+    y, grads = _GRADIENTS[keras.backend.backend()](apply, layer, x, u)
+    grads = [ops.convert_to_numpy(g) for g in grads]
     if not layer.use_bias:
         grads.append(None)
-    return [y, *grads]
+    return [ops.convert_to_numpy(y), *grads]
+
+
+def _tf_gradients(apply, layer, x, u):
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = apply(x)
+        loss = tf.reduce_sum(y * u)
+    return y, tape.gradient(loss, [x, *layer.trainable_variables])
+
+
+def _jax_gradients(apply, layer, x, u):
+    import jax
+
+    def loss(x, variables):
+        y = apply(x, variables)
+        return (y * u).sum(), y
+
+    (_, y), (dx, dvars) = jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True
+    )(x, [v.value for v in layer.trainable_variables])
+    return y, [dx, *dvars]
+
+
+def _torch_gradients(apply, layer, x, u):
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    y = apply(x)
+    (y * torch.as_tensor(u)).sum().backward()
+    variables = layer.trainable_variables
+    return y.detach(), [x.grad, *(v.value.grad for v in variables)]
+
+
+_GRADIENTS = {
+    "tensorflow": _tf_gradients,
+    "jax": _jax_gradients,
+    "torch": _torch_gradients,
+}
 
 
 def _relative_error(actual, expected) -> float:
