@@ -127,7 +127,11 @@ def main() -> int:
         models.compile_model(model, total_steps=args.epochs * len(train))
         print(f"\nTraining the {name} twin")
         histories[name] = model.fit(
-            train, epochs=args.epochs, validation_data=test, verbose=2
+            train,
+            epochs=args.epochs,
+            validation_data=test,
+            shuffle=False,  # the pipeline shuffles, the same for both twins
+            verbose=2,
         ).history
 
     print_curves(histories)

@@ -34,13 +34,23 @@ def main() -> int:
     parser.add_argument("--manual-dir", metavar="DIR")
     parser.add_argument("--data-dir", metavar="DIR")
     parser.add_argument("--output", default="mnist_rotconv.keras")
+    parser.add_argument(
+        "--train-size", type=int, metavar="N", help="first N images only"
+    )
+    parser.add_argument(
+        "--test-size", type=int, metavar="N", help="first N images only"
+    )
     args = parser.parse_args()
     epochs = args.epochs or models.EPOCHS[args.dataset]
 
     data.quiet()
     try:
         train, test = data.load(
-            args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir
+            args.dataset,
+            manual_dir=args.manual_dir,
+            data_dir=args.data_dir,
+            train_size=args.train_size,
+            test_size=args.test_size,
         )
     except data.DataUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -52,7 +62,8 @@ def main() -> int:
     model.summary()
 
     start = time.perf_counter()
-    model.fit(train, epochs=epochs, validation_data=test)
+    # The data pipeline shuffles the training set itself, every epoch.
+    model.fit(train, epochs=epochs, validation_data=test, shuffle=False)
     minutes = (time.perf_counter() - start) / 60
     _, accuracy = model.evaluate(test, verbose=0)
     print(f"{args.dataset}: {epochs} epochs in {minutes:.1f} min")

@@ -68,7 +68,11 @@ def train(
         models.mnist_model(), total_steps=epochs * len(train_data)
     )
     history = model.fit(
-        train_data, epochs=epochs, validation_data=test_data, verbose=verbose
+        train_data,
+        epochs=epochs,
+        validation_data=test_data,
+        shuffle=False,  # the pipeline shuffles, in an order fixed by `seed`
+        verbose=verbose,
     ).history
     _, accuracy = model.evaluate(test_data, verbose=0)
 
