@@ -62,23 +62,26 @@ def print_gradient_agreement(rot, builtin, batch) -> None:
         "Gradients at the first step, RotConv2D twin against Conv2D twin "
         "(largest difference relative to the largest Conv2D value):"
     )
+    width = max(len(w.path) for w in builtin.trainable_weights)
     for weight, g_rot, g_ref in zip(
         builtin.trainable_weights, rot_grads, builtin_grads
     ):
         g_rot, g_ref = np.asarray(g_rot), np.asarray(g_ref)
         error = np.max(np.abs(g_rot - g_ref)) / np.max(np.abs(g_ref))
         verdict = "agree" if error <= verify.TOLERANCE["float32"] else "DIFFER"
-        print(f"  {weight.path:<28} {error:9.1e}  {verdict}")
+        print(f"  {weight.path:<{width}}  {error:8.1e}  {verdict}")
 
 
 def print_curves(histories: dict[str, dict[str, list[float]]]) -> None:
     names = list(histories)
-    columns = [(metric, name) for metric in METRICS for name in names]
-    print("\nLearning curves:")
-    print("epoch " + " ".join(f"{f'{m} ({n[:3]})':>18}" for m, n in columns))
+    print(f"\nLearning curves ({' / '.join(names)}):")
+    print("epoch  " + "".join(f"{metric:<19}" for metric in METRICS))
     for epoch in range(len(histories[names[0]]["loss"])):
-        values = [histories[n][m][epoch] for m, n in columns]
-        print(f"{epoch + 1:5d} " + " ".join(f"{v:18.4f}" for v in values))
+        cells = [
+            " / ".join(f"{histories[n][metric][epoch]:.4f}" for n in names)
+            for metric in METRICS
+        ]
+        print(f"{epoch + 1:5d}  " + "".join(f"{c:<19}" for c in cells))
     for metric in METRICS:
         a, b = (np.asarray(histories[n][metric]) for n in names)
         print(

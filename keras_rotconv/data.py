@@ -65,8 +65,8 @@ def prepare(
         raise DataUnavailableError(
             f"Could not download {name} through TensorFlow Datasets "
             f"({type(error).__name__}); without network access, pass "
-            f"--manual-dir DIR, a folder holding the four original files "
-            f"{', '.join(_file_names(builder))}."
+            f"--manual-dir DIR (in Python, manual_dir=DIR), a folder holding "
+            f"the four original files {', '.join(_file_names(builder))}."
         ) from error
     return builder
 

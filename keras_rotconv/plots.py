@@ -38,9 +38,7 @@ def history_figure(
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
         axes.plot(epochs, history[metric], "o-", label="training")
         axes.plot(epochs, history[f"val_{metric}"], "s-", label="test")
-        axes.set_xlabel("epoch")
-        axes.set_ylabel(metric)
-        axes.grid(alpha=0.3)
+        _label_epochs(axes, metric)
         axes.legend()
     figure.suptitle(title)
     return _save(figure, path)
@@ -87,9 +85,14 @@ def comparison_figure(
     """Learning curves of several models overlaid: ``curves[model][metric]``
     per epoch, for the metrics loss, accuracy and their ``val_`` versions."""
     figure, (loss_axes, accuracy_axes) = _figure(ncols=2, width=10, height=4)
-    styles = ("-", "--", ":")
-    markers = ("o", "x", "+")
-    for (name, history), style, marker in zip(curves.items(), styles, markers):
+    # The first model wide and pale, the others thin and dashed on top of
+    # it: where the curves coincide, both stay visible.
+    styles = (
+        {"linewidth": 5, "alpha": 0.35, "marker": "o", "markersize": 8},
+        {"linewidth": 1.2, "linestyle": "--", "marker": "x"},
+        {"linewidth": 1.2, "linestyle": ":", "marker": "+"},
+    )
+    for (name, history), style in zip(curves.items(), styles):
         epochs = np.arange(1, len(history["loss"]) + 1)
         for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
             for key, split, color in (
@@ -99,18 +102,24 @@ def comparison_figure(
                 axes.plot(
                     epochs,
                     history[key],
-                    linestyle=style,
-                    marker=marker,
                     color=color,
                     label=f"{name}, {split}",
+                    **style,
                 )
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
-        axes.set_xlabel("epoch")
-        axes.set_ylabel(metric)
-        axes.grid(alpha=0.3)
+        _label_epochs(axes, metric)
         axes.legend(fontsize=8)
     figure.suptitle(title)
     return _save(figure, path)
+
+
+def _label_epochs(axes, metric: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(metric)
+    axes.grid(alpha=0.3)
 
 
 def explain_figure(

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 
-from keras_rotconv import RotConv2D, cli, data
+from keras_rotconv import RotConv2D, cli, data, models
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -68,8 +68,6 @@ def test_load_gives_scaled_images_of_the_requested_subset(data_dir):
     test_labels = labels_of(test)
     assert len(test_labels) == 200
     assert set(test_labels) == set(range(10))
-    # The first MNIST test digits, as published.
-    assert list(test_labels[:5]) == [7, 2, 1, 0, 4]
 
 
 def test_the_same_seed_gives_the_same_batches_in_every_epoch(data_dir):
@@ -88,18 +86,30 @@ def test_the_same_seed_gives_the_same_batches_in_every_epoch(data_dir):
     assert not np.array_equal(first[0], two_epochs(seed=5)[0])
 
 
+def mean_pixel(train) -> float:
+    return float(np.mean([np.mean(x) for x, _ in train.as_numpy_iterator()]))
+
+
+# The mean pixel value of each training set, as published with it (the
+# usual normalisation constants); 1,000 images estimate it within ~0.01.
+MEAN_PIXEL = {"mnist": 0.1307, "fashion_mnist": 0.2860}
+
+
 def test_fashion_mnist_is_not_mnist_in_a_shared_data_dir(data_dir):
     """Both data sets have the same file names; a shared extract directory
     would prepare Fashion-MNIST from MNIST's files."""
-    _, test = data.load(
-        "fashion_mnist",
-        manual_dir=original_files("fashion_mnist"),
-        data_dir=data_dir,
-        test_size=5,
-    )
-    # The first Fashion-MNIST test items: ankle boot, pullover, trouser,
-    # trouser, shirt.
-    assert list(labels_of(test)) == [9, 2, 1, 1, 6]
+    for name in ("mnist", "fashion_mnist"):
+        train, _ = data.load(
+            name,
+            manual_dir=original_files(name),
+            data_dir=data_dir,
+            train_size=1000,
+            batch_size=1000,
+        )
+        mean = mean_pixel(train)
+        assert abs(mean - MEAN_PIXEL[name]) < 0.02, (
+            f"{name}: mean pixel {mean:.4f}, expected {MEAN_PIXEL[name]}"
+        )
 
 
 def test_a_manual_dir_without_the_files_says_what_to_do(tmp_path):
@@ -233,9 +243,9 @@ def test_compare_example_agrees_at_the_first_step_and_plots(
     )
     out = capsys.readouterr().out
     assert status == 0, out
-    gradient_rows = [line for line in out.splitlines() if "kernel" in line]
-    assert len(gradient_rows) == 4, out
-    assert "DIFFER" not in out
+    agreeing = re.findall(r"^  \S+/\w+ +\S+  agree$", out, re.M)
+    weights = models.mnist_model().trainable_weights
+    assert len(agreeing) == len(weights), out
     assert re.search(r"largest difference in val_accuracy", out)
     content = figure.read_bytes()
     assert content.startswith(b"\x89PNG") and len(content) > 1000
