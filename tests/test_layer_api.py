@@ -43,6 +43,10 @@ BAD_INPUT = {
     "strides-with-dilation": lambda cls: cls(2, 3, strides=2, dilation_rate=2),
     "causal-padding": lambda cls: cls(2, 3, padding="causal"),
     "unknown-padding": lambda cls: cls(2, 3, padding="full"),
+    # Keras 3 accepts a tuple at construction and rejects it when called.
+    "explicit-padding-tuple": lambda cls: cls(2, 3, padding=((1, 2), (0, 1)))(
+        _zeros(1, 5, 5, 1)
+    ),
     "unknown-data-format": lambda cls: cls(2, 3, data_format="nhwc"),
     "kernel-larger-than-valid-input": lambda cls: cls(2, 5)(_zeros(1, 4, 6, 1)),
     "dilated-kernel-larger-than-input": lambda cls: cls(2, 3, dilation_rate=3)(
