@@ -121,11 +121,11 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
-    models_ = twins(args.seed)
-    print_gradient_agreement(*models_.values(), next(iter(first_train)))
+    twin_models = twins(args.seed)
+    print_gradient_agreement(*twin_models.values(), next(iter(first_train)))
 
     histories = {}
-    for name, model in models_.items():
+    for name, model in twin_models.items():
         train, test = load()
         models.compile_model(model, total_steps=args.epochs * len(train))
         print(f"\nTraining the {name} twin")
