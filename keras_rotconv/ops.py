@@ -198,6 +198,7 @@ def kernel_gradient(
     and stride ``dilation``. Groups pair each group's inputs with that
     group's deltas.
     """
+    x, delta = _at_least_one_sample(x, delta)
     rank = len(strides)
     padded = _pad(x, [(0, 0), *pairs, (0, 0)])
     for axis in range(rank):
@@ -211,6 +212,24 @@ def kernel_gradient(
     window = ops.transpose(delta, (*range(1, rank + 1), 0, rank + 1))
     grad = conv(rows, window, strides=dilation, dilation=strides, groups=groups)
     return ops.transpose(grad, (*range(1, rank + 1), 0, rank + 1))
+
+
+def _at_least_one_sample(x, delta):
+    """``x`` and ``delta`` with one zero sample added if the batch is empty.
+
+    The kernel gradient of an empty batch is a sum of no terms, zero; but as
+    a convolution the batch is the channel axis, and no backend convolves
+    zero channels. A zero sample adds nothing to the sum. The batch size may
+    only be known when a graph runs (tf.distribute hands a replica an empty
+    share of a last, partial batch), so the sample count is computed rather
+    than branched on: XLA compiles both sides of a branch, and compiling the
+    empty side crashes it.
+    """
+    batch = ops.shape(x)[0]
+    if isinstance(batch, int) and batch > 0:
+        return x, delta
+    widths = [(0, _at_least_zero(1 - batch))] + [(0, 0)] * (len(x.shape) - 1)
+    return _pad(x, widths), _pad(delta, widths)
 
 
 def bias_gradient(delta):
