@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import keras
 from keras import ops
 
 from keras_rotconv import _backend
@@ -233,8 +234,17 @@ def _at_least_one_sample(x, delta):
 
 
 def bias_gradient(delta):
-    """``dC/db = Σ delta`` over the batch and every spatial position."""
-    return ops.sum(delta, axis=tuple(range(len(delta.shape) - 1)))
+    """``dC/db = Σ delta`` over the batch and every spatial position.
+
+    A float16 or bfloat16 delta is summed in float32: the sum has a term for
+    every output position of every sample, and partial sums rounded to a
+    half type's 11 or 8 bits lose its small terms.
+    """
+    axes = tuple(range(len(delta.shape) - 1))
+    dtype = keras.backend.standardize_dtype(delta.dtype)
+    if dtype in ("float16", "bfloat16"):
+        return ops.cast(ops.sum(ops.cast(delta, "float32"), axis=axes), dtype)
+    return ops.sum(delta, axis=axes)
 
 
 def conv(
