@@ -129,8 +129,10 @@ def is_chief(strategy: tf.distribute.Strategy | None) -> bool:
     if resolver.task_type == "chief":
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return resolver.task_type == "worker" and resolver.task_id == 0 and (
-        not has_chief
+    return (
+        resolver.task_type == "worker"
+        and resolver.task_id == 0
+        and (not has_chief)
     )
 
 
