@@ -10,7 +10,6 @@ Also: ``keras_rotconv.distribute.make_strategy``'s errors.
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,9 +20,14 @@ import keras
 import mnist_like
 import numpy as np
 import pytest
-from conftest import BACKEND, FLOAT32_RTOL, assert_close, relative_error
+from conftest import (
+    BACKEND,
+    FLOAT32_RTOL,
+    assert_close,
+    child_environment,
+    relative_error,
+)
 
-import keras_rotconv
 from keras_rotconv import RotConv2D, distribute
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -38,22 +42,10 @@ tensorflow_only = pytest.mark.skipif(
 )
 
 
-def _environment(**extra):
-    """This environment, with this checkout's keras_rotconv importable."""
-    root = str(Path(keras_rotconv.__file__).resolve().parents[1])
-    path = os.environ.get("PYTHONPATH")
-    return {
-        **os.environ,
-        "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        **extra,
-    }
-
-
 def _run_worker(mode, out, **env):
     result = subprocess.run(
         [sys.executable, str(WORKER), mode, str(out)],
-        env=_environment(**env),
+        env=child_environment(**env),
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
@@ -122,7 +114,7 @@ def _start_worker(index, workers, directory):
     with open(directory / f"worker{index}.log", "w") as log:
         return subprocess.Popen(
             [sys.executable, str(WORKER), "multiworker", str(out)],
-            env=_environment(TF_CONFIG=json.dumps(config)),
+            env=child_environment(TF_CONFIG=json.dumps(config)),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
