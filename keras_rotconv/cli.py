@@ -82,7 +82,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _add_train(commands) -> None:
-    from keras_rotconv import models
+    from keras_rotconv import distribute, models
 
     parser = commands.add_parser(
         "train",
@@ -134,11 +134,19 @@ def _add_train(commands) -> None:
         "--batch-size", type=_positive_int, default=models.BATCH_SIZE
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--strategy",
+        choices=distribute.STRATEGIES,
+        help="train data-parallel: 'mirrored' over this machine's GPUs (its "
+        "CPU if none), 'multiworker' over the machines that the TF_CONFIG "
+        "environment variable lists, each running this same command; "
+        "--batch-size is then the global batch (default: one device)",
+    )
     parser.set_defaults(run=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from keras_rotconv import data, training
+    from keras_rotconv import data, distribute, training
 
     data.quiet()
     try:
@@ -152,8 +160,9 @@ def _train(args: argparse.Namespace) -> int:
             test_size=args.test_size,
             batch_size=args.batch_size,
             seed=args.seed,
+            strategy=args.strategy,
         )
-    except data.DataUnavailableError as error:
+    except (data.DataUnavailableError, distribute.StrategyError) as error:
         return _fail(str(error))
     for path in outcome.files:
         print(f"wrote {path}")

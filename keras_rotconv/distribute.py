@@ -17,6 +17,7 @@ computed per replica like any layer's, and the strategy sums them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import TYPE_CHECKING
@@ -27,6 +28,11 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 STRATEGIES = ("mirrored", "multiworker")
+
+
+class StrategyError(ValueError):
+    """A strategy that cannot be made: its name, the backend or TF_CONFIG
+    is wrong. The message says which, and what was received."""
 
 
 def make_strategy(
@@ -44,27 +50,27 @@ def make_strategy(
         devices: For ``"mirrored"`` only, the devices to mirror over.
 
     Raises:
-        ValueError: for an unknown name, a backend other than TensorFlow,
+        StrategyError: for an unknown name, a backend other than TensorFlow,
             devices given to another strategy than ``"mirrored"``, or a
             missing or malformed ``TF_CONFIG`` for ``"multiworker"``.
     """
     if name is None or name == "none":
         return None
     if name not in STRATEGIES:
-        raise ValueError(
+        raise StrategyError(
             f"Unknown strategy. Expected one of {STRATEGIES} or None. "
             f"Received: strategy={name!r}"
         )
     backend = keras.backend.backend()
     if backend != "tensorflow":
-        raise ValueError(
+        raise StrategyError(
             f"strategy={name!r} is a tf.distribute strategy and needs the "
             "TensorFlow backend (KERAS_BACKEND=tensorflow); on JAX, use "
             "keras.distribution.DataParallel instead. Received: "
             f"backend={backend!r}"
         )
     if devices is not None and name != "mirrored":
-        raise ValueError(
+        raise StrategyError(
             "Only the 'mirrored' strategy takes devices; the cluster decides "
             f"for the others. Received: strategy={name!r}, devices={devices}"
         )
@@ -77,7 +83,7 @@ def make_strategy(
 
 
 def check_tf_config(value: str | None) -> dict:
-    """``TF_CONFIG`` parsed, or a ValueError that says what is wrong with it.
+    """``TF_CONFIG`` parsed, or a StrategyError that says what is wrong.
 
     A worker needs ``{"cluster": {"worker": ["host:port", ...]}, "task":
     {"type": "worker", "index": i}}``, the same cluster in every worker and
@@ -88,7 +94,7 @@ def check_tf_config(value: str | None) -> dict:
         '"task": {"type": "worker", "index": 0}}'
     )
     if not value:
-        raise ValueError(
+        raise StrategyError(
             "strategy='multiworker' needs the TF_CONFIG environment variable, "
             f"set in each worker to the cluster and its own task, e.g. "
             f"TF_CONFIG='{example}'. Received: TF_CONFIG={value!r}"
@@ -99,7 +105,7 @@ def check_tf_config(value: str | None) -> dict:
         task = config["task"]
         kind, index = task["type"], task["index"]
     except (ValueError, TypeError, KeyError) as error:
-        raise ValueError(
+        raise StrategyError(
             f"TF_CONFIG must be JSON like '{example}' ({error!r}). "
             f"Received: TF_CONFIG={value!r}"
         ) from None
@@ -112,7 +118,7 @@ def check_tf_config(value: str | None) -> dict:
         and 0 <= index < len(config["cluster"].get(kind, []))
     )
     if not valid:
-        raise ValueError(
+        raise StrategyError(
             "TF_CONFIG must list the workers as 'host:port' strings and give "
             "this process's task as a type ('worker' or 'chief') and an index "
             f"into that list. Received: TF_CONFIG={value!r}"
@@ -136,22 +142,31 @@ def is_chief(strategy: tf.distribute.Strategy | None) -> bool:
     )
 
 
+def scope(strategy: tf.distribute.Strategy | None):
+    """``strategy.scope()``, or a scope that does nothing for None."""
+    return (
+        strategy.scope() if strategy is not None else contextlib.nullcontext()
+    )
+
+
 def fit(
     model: keras.Model,
     dataset: tf.data.Dataset,
     *,
     epochs: int,
     strategy: tf.distribute.Strategy,
+    validation_data: tf.data.Dataset | None = None,
 ) -> dict[str, list[float]]:
-    """``model.fit(dataset, epochs=epochs)`` for a strategy that
-    ``model.fit`` cannot drive: each step runs the model's own
-    ``train_step`` on every replica under ``strategy.run``.
+    """``model.fit(dataset, epochs=epochs, validation_data=...)`` for a
+    strategy that ``model.fit`` cannot drive: each step runs the model's own
+    ``train_step`` (``test_step`` for validation) on every replica under
+    ``strategy.run``.
 
     ``model`` must have been built and compiled under ``strategy.scope()``,
-    and ``dataset`` must yield ``(x, y)`` batches of the global batch size:
+    and the datasets must yield ``(x, y)`` batches of the global batch size:
     the strategy splits each one across the replicas of all workers, which
-    every worker must call this with. Returns the mean over replicas of each
-    metric at the end of each epoch, as ``History.history`` holds them.
+    must all call this. Returns each metric's mean over the replicas at the
+    end of each epoch, named as ``History.history`` names them.
     """
     import tensorflow as tf
 
@@ -160,22 +175,34 @@ def fit(
         # variables cannot be created.
         with strategy.scope():
             model.optimizer.build(model.trainable_variables)
-    batches = strategy.experimental_distribute_dataset(dataset)
 
-    @tf.function
-    def step(batch):
-        logs = strategy.run(model.train_step, args=(batch,))
-        return {
-            name: strategy.reduce("MEAN", value, axis=None)
-            for name, value in logs.items()
-        }
+    def distributed(step_function):
+        @tf.function
+        def step(batch):
+            logs = strategy.run(step_function, args=(batch,))
+            return {
+                name: strategy.reduce("MEAN", value, axis=None)
+                for name, value in logs.items()
+            }
 
-    history: dict[str, list[float]] = {}
-    for _ in range(epochs):
+        return step
+
+    def run_epoch(step, batches, prefix=""):
         model.reset_metrics()
         logs = {}
         for batch in batches:
             logs = step(batch)
         for name, value in logs.items():
-            history.setdefault(name, []).append(float(value))
+            history.setdefault(prefix + name, []).append(float(value))
+
+    train_step = distributed(model.train_step)
+    train_batches = strategy.experimental_distribute_dataset(dataset)
+    if validation_data is not None:
+        test_step = distributed(model.test_step)
+        test_batches = strategy.experimental_distribute_dataset(validation_data)
+    history: dict[str, list[float]] = {}
+    for _ in range(epochs):
+        run_epoch(train_step, train_batches)
+        if validation_data is not None:
+            run_epoch(test_step, test_batches, prefix="val_")
     return history

@@ -6,7 +6,8 @@ MNIST-like model in processes of its own (``distributed_worker.py``) and
 must end with the weights of training on one device with the same global
 batches.
 
-Also: ``keras_rotconv.distribute.make_strategy``'s errors.
+Also: ``keras_rotconv.distribute.make_strategy``'s errors, and the train
+command's ``--strategy``.
 """
 
 import json
@@ -28,7 +29,7 @@ from conftest import (
     relative_error,
 )
 
-from keras_rotconv import RotConv2D, distribute
+from keras_rotconv import RotConv2D, cli, data, distribute, training
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # A worker imports TensorFlow (~10 s on a busy 2-core machine) and trains
@@ -242,3 +243,40 @@ def test_one_process_is_its_own_chief():
     assert distribute.is_chief(None)
     assert distribute.is_chief(distribute.make_strategy("mirrored"))
     assert keras.backend.backend() == "tensorflow"
+
+
+def test_train_command_rejects_an_unknown_strategy(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--strategy", "ring"])
+    assert exit_info.value.code == 2
+    assert "--strategy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [None, *distribute.STRATEGIES])
+def test_train_command_passes_the_strategy_on(monkeypatch, capsys, name):
+    received = {}
+
+    def train(dataset, **kwargs):
+        received.update(kwargs)
+        return training.Outcome(None, {}, 0.5, [])
+
+    monkeypatch.setattr(training, "train", train)
+    argv = ["train"] + ([] if name is None else ["--strategy", name])
+    assert cli.main(argv) == 0
+    assert received["strategy"] == name
+    assert capsys.readouterr().out.endswith("test accuracy: 0.5000\n")
+
+
+@tensorflow_only
+def test_train_command_without_tf_config_fails_before_loading_data(
+    monkeypatch, capsys
+):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+
+    def load(*args, **kwargs):
+        raise AssertionError("data loaded before the strategy was checked")
+
+    monkeypatch.setattr(data, "load", load)
+    assert cli.main(["train", "--strategy", "multiworker"]) == 1
+    error = capsys.readouterr().err
+    assert "TF_CONFIG" in error and "Received: TF_CONFIG=None" in error
