@@ -10,6 +10,8 @@ configuration are those of the built-in layer.
 
 from __future__ import annotations
 
+import operator
+
 import keras
 from keras import ops
 
@@ -18,6 +20,22 @@ from keras_rotconv import ops as rotconv_ops
 
 class _RotConv:
     """Mixin that routes a Keras ``BaseConv`` subclass through ``ops.conv``."""
+
+    def __init__(self, filters, *args, **kwargs):
+        try:
+            super().__init__(filters, *args, **kwargs)
+        except TypeError as error:
+            # Keras compares filters with zero, so a value of the wrong type
+            # (a list, a string: a hand-edited saved config) fails there with
+            # a TypeError about "<=" that names neither. Same error type,
+            # saying which argument and value.
+            if filters is None or _compares_with_zero(filters):
+                raise
+            raise TypeError(
+                "Invalid type for argument `filters`. Expected a positive "
+                f"integer. Received: filters={filters!r} of type "
+                f"{type(filters).__name__}"
+            ) from error
 
     def call(self, inputs):
         rank = self.rank
@@ -70,6 +88,14 @@ class _RotConv:
                     f"dilation_rate={self.dilation_rate}, "
                     f"strides={self.strides}, padding={self.padding}"
                 )
+
+
+def _compares_with_zero(value) -> bool:
+    try:
+        operator.le(value, 0)
+    except TypeError:
+        return False
+    return True
 
 
 @keras.saving.register_keras_serializable(package="keras_rotconv")

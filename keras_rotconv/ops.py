@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import keras
 from keras import ops
 
 from keras_rotconv import _backend
@@ -199,6 +200,7 @@ def kernel_gradient(
     and stride ``dilation``. Groups pair each group's inputs with that
     group's deltas.
     """
+    x, delta = _at_least_one_sample(x, delta)
     rank = len(strides)
     padded = _pad(x, [(0, 0), *pairs, (0, 0)])
     for axis in range(rank):
@@ -214,9 +216,36 @@ def kernel_gradient(
     return ops.transpose(grad, (*range(1, rank + 1), 0, rank + 1))
 
 
+def _at_least_one_sample(x, delta):
+    """``x`` and ``delta`` with one zero sample added if the batch is empty.
+
+    The kernel gradient of an empty batch is a sum of no terms, zero; but as
+    a convolution the batch is the channel axis, and no backend convolves
+    zero channels. A zero sample adds nothing to the sum. The batch size may
+    only be known when a graph runs (tf.distribute hands a replica an empty
+    share of a last, partial batch), so the sample count is computed rather
+    than branched on: XLA compiles both sides of a branch, and compiling the
+    empty side crashes it.
+    """
+    batch = ops.shape(x)[0]
+    if isinstance(batch, int) and batch > 0:
+        return x, delta
+    widths = [(0, _at_least_zero(1 - batch))] + [(0, 0)] * (len(x.shape) - 1)
+    return _pad(x, widths), _pad(delta, widths)
+
+
 def bias_gradient(delta):
-    """``dC/db = Σ delta`` over the batch and every spatial position."""
-    return ops.sum(delta, axis=tuple(range(len(delta.shape) - 1)))
+    """``dC/db = Σ delta`` over the batch and every spatial position.
+
+    A float16 or bfloat16 delta is summed in float32: the sum has a term for
+    every output position of every sample, and partial sums rounded to a
+    half type's 11 or 8 bits lose its small terms.
+    """
+    axes = tuple(range(len(delta.shape) - 1))
+    dtype = keras.backend.standardize_dtype(delta.dtype)
+    if dtype in ("float16", "bfloat16"):
+        return ops.cast(ops.sum(ops.cast(delta, "float32"), axis=axes), dtype)
+    return ops.sum(delta, axis=axes)
 
 
 def conv(

@@ -8,6 +8,7 @@ differences are the others.
 """
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # float64 tests need JAX's 64-bit mode, which is off by default and must be
@@ -246,3 +247,18 @@ def share_random_weights(layers, seed=0):
     ]
     for layer in layers:
         layer.set_weights(weights)
+
+
+def child_environment(**extra):
+    """This process's environment for a Python child process, with this
+    checkout's keras_rotconv first on its path and TensorFlow's logs quiet."""
+    import keras_rotconv
+
+    root = str(Path(keras_rotconv.__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **extra,
+    }

@@ -58,6 +58,10 @@ def bad_input(rank):
             2, 3, strides=2, dilation_rate=2
         ),
         "unknown-padding": lambda cls: cls(2, 3, padding="full"),
+        # Keras 3 accepts a tuple at construction and rejects it when called.
+        "explicit-padding-tuple": lambda cls: cls(
+            2, 3, padding=((1, 2), (0, 1), (1, 0))[:rank]
+        )(image()),
         "unknown-data-format": lambda cls: cls(2, 3, data_format="nhwc"),
         "kernel-larger-than-valid-input": lambda cls: cls(2, 5)(
             image(4, rest=6)

@@ -1,0 +1,209 @@
+"""The ``keras-rotconv`` command (also ``python -m keras_rotconv``).
+
+    keras-rotconv verify     RotConv2D against keras.layers.Conv2D
+    keras-rotconv train      the example CNN on MNIST or Fashion-MNIST
+    keras-rotconv explain    the derivation's worked example
+
+Each subcommand is one ``_add_<name>`` function that declares its arguments
+and one ``_<name>`` function that runs it and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+PROG = "keras-rotconv"
+
+# Modules of the [examples] extra, and what needs them.
+_EXTRA_MODULES = {"tensorflow_datasets", "matplotlib"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line ``argv`` (default: ``sys.argv[1:]``); returns
+    the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ModuleNotFoundError as error:
+        if error.name not in _EXTRA_MODULES:
+            raise
+        return _fail(
+            f"`{args.command}` needs {error.name}, part of the [examples] "
+            "extra: pip install 'keras-rotconv[examples]'"
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Keras convolution layers whose backward pass is the "
+        "derived rotated-kernel convolution.",
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND"
+    )
+    _add_verify(commands)
+    _add_train(commands)
+    _add_explain(commands)
+    return parser
+
+
+def _add_verify(commands) -> None:
+    parser = commands.add_parser(
+        "verify",
+        help="compare RotConv2D with keras.layers.Conv2D over a grid of "
+        "configurations",
+        description="Compares the outputs and gradients (dx, dw, db) of "
+        "RotConv2D with those of keras.layers.Conv2D, same weights and "
+        "inputs, over a built-in grid of configurations. Exits with status "
+        "1 if any configuration disagrees.",
+    )
+    parser.set_defaults(run=_verify)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import keras
+    import tensorflow as tf
+
+    from keras_rotconv import verify
+
+    # Keras compiles its grouped convolution anew for every layer of the
+    # grid, and TensorFlow warns about each retracing.
+    tf.get_logger().setLevel("ERROR")
+    if keras.backend.backend() == "jax":
+        import jax
+
+        # Without it JAX computes the float64 configurations in float32.
+        jax.config.update("jax_enable_x64", True)
+    return verify.run()
+
+
+def _add_train(commands) -> None:
+    from keras_rotconv import distribute, models
+
+    parser = commands.add_parser(
+        "train",
+        help="train the example RotConv2D CNN on MNIST or Fashion-MNIST",
+        description="Trains the example RotConv2D CNN with model.fit, "
+        "saves the model and its figures under --output, and prints the "
+        "test accuracy as its last line.",
+    )
+    parser.add_argument(
+        "--dataset", choices=("mnist", "fashion_mnist"), default="mnist"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help="default: "
+        + ", ".join(f"{k} {v}" for k, v in models.EPOCHS.items()),
+    )
+    parser.add_argument(
+        "--manual-dir",
+        metavar="DIR",
+        help="a folder holding the four original IDX .gz files of the data "
+        "set, used instead of downloading them",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where TensorFlow Datasets keeps the prepared data (default: "
+        "its own, ~/tensorflow_datasets)",
+    )
+    parser.add_argument(
+        "--output",
+        metavar="DIR",
+        default="rotconv-output",
+        help="where the model and the figures go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--train-size",
+        type=_positive_int,
+        metavar="N",
+        help="train on the first N training images only",
+    )
+    parser.add_argument(
+        "--test-size",
+        type=_positive_int,
+        metavar="N",
+        help="evaluate on the first N test images only",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=models.BATCH_SIZE
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--strategy",
+        choices=distribute.STRATEGIES,
+        help="train data-parallel: 'mirrored' over this machine's GPUs (its "
+        "CPU if none), 'multiworker' over the machines that the TF_CONFIG "
+        "environment variable lists, each running this same command; "
+        "--batch-size is then the global batch (default: one device)",
+    )
+    parser.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from keras_rotconv import data, distribute, training
+
+    data.quiet()
+    try:
+        outcome = training.train(
+            args.dataset,
+            epochs=args.epochs,
+            manual_dir=args.manual_dir,
+            data_dir=args.data_dir,
+            output=args.output,
+            train_size=args.train_size,
+            test_size=args.test_size,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            strategy=args.strategy,
+        )
+    except (data.DataUnavailableError, distribute.StrategyError) as error:
+        return _fail(str(error))
+    for path in outcome.files:
+        print(f"wrote {path}")
+    print(f"test accuracy: {outcome.test_accuracy:.4f}")
+    return 0
+
+
+def _add_explain(commands) -> None:
+    parser = commands.add_parser(
+        "explain",
+        help="the derivation's worked example: input delta by the chain "
+        "rule and by the full convolution with the rotated kernel",
+        description="Computes the input delta of a 2x2-kernel convolution "
+        "on a 4x4 input twice, by the chain rule's sums and as the full "
+        "convolution of the output delta with the kernel rotated by 180 "
+        "degrees, and shows that they are equal.",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also write a figure of the kernel, its rotation and the two "
+        "deltas to FILE (PNG)",
+    )
+    parser.set_defaults(run=_explain)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from keras_rotconv import explain
+
+    return explain.run(plot=args.plot)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer, received {text}"
+        )
+    return value
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1

@@ -1,0 +1,284 @@
+"""``keras-rotconv verify``: RotConv2D against Keras's own Conv2D.
+
+For each configuration of a built-in grid, a RotConv2D and a
+``keras.layers.Conv2D`` with the same arguments and the same weights see the
+same input. Their outputs ``y`` and their gradients ``dx``, ``dw``, ``db`` of
+``sum(y * u)`` (``u`` a random upstream gradient, so that every output
+position carries its own weight) are compared. The built-in layer is
+differentiated by the backend's own automatic differentiation (on
+TensorFlow, its convolution-gradient kernels), an implementation independent
+of the derivation, which makes it the oracle. Whichever backend
+``KERAS_BACKEND`` selects is the one verified.
+
+TensorFlow's CPU convolution supports only channels-last, so for
+``channels_first`` the oracle is the channels-last Conv2D applied between two
+transposes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_rotconv.layers import RotConv2D
+
+# Largest error relative to the oracle's largest magnitude. float64 leaves
+# only rounding in different summation orders; float32 rounding of sums of a
+# few hundred terms stays well below 1e-5 of their scale.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+
+QUANTITIES = ("y", "dx", "dw", "db")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One layer configuration: Conv2D arguments plus the input it sees."""
+
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "valid"
+    dilation_rate: tuple[int, int] = (1, 1)
+    groups: int = 1
+    data_format: str = "channels_last"
+    dtype: str = "float32"
+    use_bias: bool = True
+    spatial: tuple[int, int] = (9, 9)
+    channels: int = 4
+    filters: int = 6
+    batch: int = 2
+
+    @property
+    def name(self) -> str:
+        def pair(values):
+            return "x".join(map(str, values))
+
+        parts = [
+            f"k{pair(self.kernel_size)}",
+            f"s{pair(self.strides)}",
+            f"d{pair(self.dilation_rate)}",
+            self.padding,
+            f"g{self.groups}",
+            "cf" if self.data_format == "channels_first" else "cl",
+            self.dtype,
+            f"in{pair(self.spatial)}x{self.channels}",
+        ]
+        if not self.use_bias:
+            parts.append("nobias")
+        return " ".join(parts)
+
+    def layer_kwargs(self) -> dict:
+        return dict(
+            filters=self.filters,
+            kernel_size=self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            groups=self.groups,
+            use_bias=self.use_bias,
+            bias_initializer="random_normal",
+            dtype=self.dtype,
+        )
+
+
+GRID: tuple[Case, ...] = (
+    Case(kernel_size=(1, 1)),
+    Case(kernel_size=(2, 2)),
+    Case(),
+    Case(padding="same"),
+    Case(kernel_size=(5, 5), padding="same"),
+    Case(kernel_size=(2, 3), padding="same", spatial=(8, 7)),
+    Case(strides=(2, 2)),
+    Case(strides=(2, 2), padding="same", spatial=(10, 9)),
+    Case(kernel_size=(4, 4), strides=(3, 3), spatial=(11, 12)),
+    Case(kernel_size=(2, 3), strides=(1, 2), padding="same"),
+    Case(dilation_rate=(2, 2)),
+    Case(dilation_rate=(2, 2), padding="same"),
+    Case(kernel_size=(3, 2), dilation_rate=(1, 3), padding="same"),
+    Case(groups=2),
+    Case(groups=4, filters=8, strides=(2, 2), padding="same"),
+    Case(data_format="channels_first"),
+    Case(data_format="channels_first", strides=(2, 2), padding="same"),
+    Case(use_bias=False),
+    Case(dtype="float64"),
+    Case(dtype="float64", strides=(2, 2), padding="same", spatial=(10, 9)),
+    Case(dtype="float64", dilation_rate=(2, 2), padding="same", groups=2),
+    Case(dtype="float64", kernel_size=(4, 4), strides=(3, 3), spatial=(11, 12)),
+    Case(dtype="float64", data_format="channels_first", padding="same"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """Largest relative error of each quantity (None: no bias)."""
+
+    case: Case
+    errors: dict[str, float | None]
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.case.dtype]
+
+    def failed(self) -> list[str]:
+        """The quantities whose error exceeds the tolerance."""
+        return [
+            q
+            for q, e in self.errors.items()
+            if e is not None and not e <= self.tolerance
+        ]
+
+
+def check(case: Case, layer_class: type = RotConv2D, seed: int = 0) -> Result:
+    """Runs ``case`` through ``layer_class`` and the built-in Conv2D."""
+    rng = np.random.default_rng(seed)
+    shape = (case.batch, *case.spatial, case.channels)
+    if case.data_format == "channels_first":
+        shape = (case.batch, case.channels, *case.spatial)
+    x = rng.standard_normal(shape).astype(case.dtype)
+
+    oracle = keras.layers.Conv2D(**case.layer_kwargs())
+    layer = layer_class(**case.layer_kwargs(), data_format=case.data_format)
+    oracle.build(_channels_last_shape(shape, case.data_format))
+    layer.build(shape)
+    layer.set_weights(oracle.get_weights())
+
+    run_oracle = _applier(oracle, case.data_format == "channels_first")
+    run_layer = _applier(layer, transpose=False)
+    u = rng.standard_normal(ops.shape(run_oracle(x))).astype(case.dtype)
+    expected = _value_and_gradients(run_oracle, oracle, x, u)
+    actual = _value_and_gradients(run_layer, layer, x, u)
+    errors = {
+        q: None if e is None else _relative_error(a, e)
+        for q, a, e in zip(QUANTITIES, actual, expected)
+    }
+    return Result(case, errors)
+
+
+def run(
+    cases: Sequence[Case] = GRID,
+    layer_class: type = RotConv2D,
+    file: TextIO | None = None,
+) -> int:
+    """Prints the comparison table; returns the exit status, 1 on any
+    mismatch."""
+    file = file or sys.stdout
+    width = max(len(c.name) for c in cases)
+    header = f"{'configuration':<{width}}  " + "".join(
+        f"{q:>9}" for q in QUANTITIES
+    )
+    print(
+        f"{layer_class.__name__} against keras.layers.Conv2D: largest "
+        "error relative to the largest oracle value",
+        file=file,
+    )
+    print(f"{header}  result", file=file)
+    failures = 0
+    for case in cases:
+        result = check(case, layer_class)
+        cells = "".join(
+            f"{'-' if e is None else f'{e:.1e}':>9}"
+            for e in result.errors.values()
+        )
+        failed = result.failed()
+        verdict = "pass" if not failed else f"FAIL ({', '.join(failed)})"
+        failures += bool(failed)
+        print(f"{case.name:<{width}}  {cells}  {verdict}", file=file)
+    tolerances = ", ".join(f"{d} {t:.0e}" for d, t in TOLERANCE.items())
+    print(
+        f"{len(cases) - failures} of {len(cases)} configurations agree "
+        f"(tolerance: {tolerances}).",
+        file=file,
+    )
+    return 1 if failures else 0
+
+
+def _channels_last_shape(shape, data_format):
+    if data_format == "channels_first":
+        return (shape[0], *shape[2:], shape[1])
+    return shape
+
+
+def _applier(layer, transpose: bool):
+    """``apply(x, variables=None)``: ``layer(x)``, between transposes from
+    and back to channels-first if ``transpose``. Given ``variables``, the
+    layer runs on those values of its trainable variables instead of its own
+    (JAX differentiates pure functions)."""
+
+    def apply(x, variables=None):
+        if transpose:
+            x = ops.transpose(x, (0, 2, 3, 1))
+        if variables is None:
+            y = layer(x)
+        else:
+            y, _ = layer.stateless_call(variables, [], x)
+        if transpose:
+            y = ops.transpose(y, (0, 3, 1, 2))
+        return y
+
+    return apply
+
+
+def _value_and_gradients(apply, layer, x, u):
+    """``y = apply(x)`` and the gradients of ``sum(y * u)`` with respect to
+    ``x`` and the trainable variables of ``layer`` (kernel, then bias), by
+    the backend's own automatic differentiation."""
+    y, grads = _GRADIENTS[keras.backend.backend()](apply, layer, x, u)
+    grads = [ops.convert_to_numpy(g) for g in grads]
+    if not layer.use_bias:
+        grads.append(None)
+    return [ops.convert_to_numpy(y), *grads]
+
+
+def _tf_gradients(apply, layer, x, u):
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = apply(x)
+        loss = tf.reduce_sum(y * u)
+    return y, tape.gradient(loss, [x, *layer.trainable_variables])
+
+
+def _jax_gradients(apply, layer, x, u):
+    import jax
+
+    def loss(x, variables):
+        y = apply(x, variables)
+        return (y * u).sum(), y
+
+    (_, y), (dx, dvars) = jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True
+    )(x, [v.value for v in layer.trainable_variables])
+    return y, [dx, *dvars]
+
+
+def _torch_gradients(apply, layer, x, u):
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    y = apply(x)
+    (y * torch.as_tensor(u)).sum().backward()
+    variables = layer.trainable_variables
+    return y.detach(), [x.grad, *(v.value.grad for v in variables)]
+
+
+_GRADIENTS = {
+    "tensorflow": _tf_gradients,
+    "jax": _jax_gradients,
+    "torch": _torch_gradients,
+}
+
+
+def _relative_error(actual, expected) -> float:
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = np.max(np.abs(expected))
+    if scale == 0:
+        return float(np.max(np.abs(actual)))
+    return float(np.max(np.abs(actual - expected)) / scale)
