@@ -3,7 +3,7 @@
 The two models have the same architecture, start from the same weights, draw
 the same dropout masks and see the same batches in the same order. The only
 difference is how the convolutions' gradients are computed: by the derived
-rules (RotConv2D) or by TensorFlow's own convolution-gradient kernels
+rules (RotConv2D) or by the backend's own convolution gradient
 (Conv2D). The script prints
 
 1. how closely the gradients of every weight agree at the first step, and
@@ -22,7 +22,6 @@ import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_rotconv import RotConv2D, data, models, plots, verify
 
@@ -45,13 +44,58 @@ def twins(seed: int) -> dict[str, keras.Model]:
 
 
 def first_step_gradients(model: keras.Model, images, labels) -> list:
-    """Gradient of the training loss for one batch, one per weight."""
-    with tf.GradientTape() as tape:
+    """Gradient of the training loss for one batch, one per trainable
+    weight, by the backend's own automatic differentiation (which calls the
+    derived rules for RotConv2D and the built-in ones for Conv2D)."""
+    images = keras.ops.convert_to_tensor(np.asarray(images))
+    labels = keras.ops.convert_to_tensor(np.asarray(labels))
+    backend = keras.backend.backend()
+    return _GRADIENTS[backend](model, images, labels)
+
+
+def _loss(model, images, labels, trainable=None):
+    """The mean training loss, computed with ``trainable`` (a list of values)
+    in place of the model's trainable weights when given."""
+    if trainable is None:
         predictions = model(images, training=False)
-        loss = keras.ops.mean(
-            keras.losses.sparse_categorical_crossentropy(labels, predictions)
+    else:
+        frozen = [v.value for v in model.non_trainable_variables]
+        predictions, _ = model.stateless_call(
+            trainable, frozen, images, training=False
         )
+    return keras.ops.mean(
+        keras.losses.sparse_categorical_crossentropy(labels, predictions)
+    )
+
+
+def _tf_gradients(model, images, labels):
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        loss = _loss(model, images, labels)
     return tape.gradient(loss, model.trainable_weights)
+
+
+def _jax_gradients(model, images, labels):
+    import jax
+
+    trainable = [v.value for v in model.trainable_weights]
+    return jax.grad(lambda t: _loss(model, images, labels, t))(trainable)
+
+
+def _torch_gradients(model, images, labels):
+    import torch
+
+    loss = _loss(model, images, labels)
+    weights = [v.value for v in model.trainable_weights]
+    return [g.detach().cpu() for g in torch.autograd.grad(loss, weights)]
+
+
+_GRADIENTS = {
+    "tensorflow": _tf_gradients,
+    "jax": _jax_gradients,
+    "torch": _torch_gradients,
+}
 
 
 def print_gradient_agreement(rot, builtin, batch) -> None:
@@ -66,7 +110,8 @@ def print_gradient_agreement(rot, builtin, batch) -> None:
     for weight, g_rot, g_ref in zip(
         builtin.trainable_weights, rot_grads, builtin_grads
     ):
-        g_rot, g_ref = np.asarray(g_rot), np.asarray(g_ref)
+        g_rot = keras.ops.convert_to_numpy(g_rot)
+        g_ref = keras.ops.convert_to_numpy(g_ref)
         error = np.max(np.abs(g_rot - g_ref)) / np.max(np.abs(g_ref))
         verdict = "agree" if error <= verify.TOLERANCE["float32"] else "DIFFER"
         print(f"  {weight.path:<{width}}  {error:8.1e}  {verdict}")
