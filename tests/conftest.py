@@ -62,26 +62,33 @@ def relative_error(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected), initial=0.0)) / scale
 
 
-# The largest error seen per tolerance, printed at the end of the run.
-_LARGEST_ERRORS: dict[float, tuple[float, str]] = {}
+# The largest error seen per tolerance, printed at the end of the run, over
+# the whole run and for each rank of the parity grid.
+_LARGEST_ERRORS: dict[tuple[float, str], tuple[float, str]] = {}
 
 
 def assert_close(actual, expected, rtol, what):
     error = relative_error(actual, expected)
-    worst = _LARGEST_ERRORS.get(rtol, (-1.0, ""))
-    if error > worst[0]:
-        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
-        _LARGEST_ERRORS[rtol] = (error, f"{what} in {test}")
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    scopes = ["all tests"]
+    if "test_parity.py::" in test and "[" in test:
+        scopes.append(f"parity grid {test.split('[')[1][:2]}")
+    for scope in scopes:
+        worst = _LARGEST_ERRORS.get((rtol, scope), (-1.0, ""))
+        if error > worst[0]:
+            _LARGEST_ERRORS[rtol, scope] = (error, f"{what} in {test}")
     assert error <= rtol, f"{what}: relative error {error:.3e} > {rtol:.0e}"
 
 
 def pytest_terminal_summary(terminalreporter):
     if not _LARGEST_ERRORS:
         return
-    terminalreporter.section("largest relative errors per tolerance")
-    for rtol, (error, where) in sorted(_LARGEST_ERRORS.items()):
+    terminalreporter.section(
+        f"largest relative errors per tolerance ({BACKEND} backend)"
+    )
+    for (rtol, scope), (error, where) in sorted(_LARGEST_ERRORS.items()):
         terminalreporter.write_line(
-            f"tolerance {rtol:.0e}: {error:.2e} ({where})"
+            f"tolerance {rtol:.0e}, {scope}: {error:.2e} ({where})"
         )
 
 
