@@ -252,8 +252,9 @@ def _jax_gradients(apply, layer, x, u):
         y = apply(x, variables)
         return (y * u).sum(), y
 
-    (_, y), (dx, dvars) = jax.value_and_grad(
-        loss, argnums=(0, 1), has_aux=True
+    # Compiled whole: much faster than running each operation on its own.
+    (_, y), (dx, dvars) = jax.jit(
+        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
     )(x, [v.value for v in layer.trainable_variables])
     return y, [dx, *dvars]
 
