@@ -11,10 +11,20 @@ never use.
 
 import itertools
 import random
+import warnings
 
 import numpy as np
 import pytest
-from conftest import LAYERS, RTOL, assert_close, gradients, share_random_weights
+from conftest import (
+    LAYERS,
+    RTOL,
+    assert_close,
+    gradients,
+    relative_error,
+    share_random_weights,
+)
+
+from keras_rotconv import reference
 
 # (groups, input channels, filters); "depthwise" is groups == channels.
 GROUPINGS = {"g1": (1, 3, 4), "g2": (2, 4, 6), "depthwise": (3, 3, 6)}
@@ -214,8 +224,48 @@ def test_matches_builtin(rank, config, shape, dtype):
     assert y.dtype == dtype and dx.dtype == dtype
     assert_close(y, y_ref, rtol, "output")
     assert_close(dx, dx_ref, rtol, "input delta dC/dx")
-    assert_close(dvars["kernel"], dvars_ref["kernel"], rtol, "dC/dkernel")
+    kernel_oracle = dvars_ref["kernel"]
+    if relative_error(dvars["kernel"], kernel_oracle) > rtol:
+        # torch 2.13's own convolution weight gradient on CPU is sometimes
+        # wrong in float32 (1x1 kernels with stride 2, and only after some
+        # other convolutions ran: relative error ~0.7 against an exact
+        # einsum). Where the built-in layer disagrees, the float64 NumPy
+        # transcription of the derivation decides, and the disagreement is
+        # reported as a warning.
+        kernel_oracle = _reference_kernel_gradient(rot, x, upstream, rank)
+        warnings.warn(
+            f"built-in {keras_class.__name__} kernel gradient off by "
+            f"{relative_error(dvars_ref['kernel'], kernel_oracle):.1e} "
+            "relative to the NumPy reference; RotConv compared with the "
+            "reference instead",
+            stacklevel=1,
+        )
+    assert_close(dvars["kernel"], kernel_oracle, rtol, "dC/dkernel")
     assert_close(dvars["bias"], dvars_ref["bias"], rtol, "dC/dbias")
+
+
+def _reference_kernel_gradient(layer, x, upstream, rank):
+    """dC/dkernel by keras_rotconv.reference in float64: the delta is
+    ``upstream · act'(z)`` with ``z`` from the reference forward pass."""
+    if layer.data_format == "channels_first":
+        x, upstream = np.moveaxis(x, 1, -1), np.moveaxis(upstream, 1, -1)
+    x, upstream = x.astype("float64"), upstream.astype("float64")
+    kernel, bias = (np.asarray(w, dtype="float64") for w in layer.get_weights())
+    motion = dict(
+        strides=tuple(layer.strides),
+        dilation=tuple(layer.dilation_rate),
+        padding=layer.padding,
+        groups=layer.groups,
+    )
+    z = reference.forward(x, kernel, bias, **motion)
+    slope = {
+        "linear": np.ones_like(z),
+        "relu": (z > 0).astype("float64"),
+        "sigmoid": np.exp(-z) / (1 + np.exp(-z)) ** 2,
+    }[layer.activation.__name__]
+    return reference.kernel_gradient(
+        x, upstream * slope, kernel.shape, **motion
+    )
 
 
 @pytest.mark.parametrize("rank", sorted(LAYERS))
@@ -252,3 +302,35 @@ def test_grid_covers_every_listed_value(rank):
             * len(values["paddings"])
             * len(GROUPINGS)
         )
+
+
+# Cases of every rank, activation, padding and data format for the check
+# below.
+FALLBACK_CASES = [
+    case
+    for case in GRID
+    if case.id.startswith(("1d-k3-s1-d1-causal", "2d-k3-s2", "3d-k2"))
+]
+
+
+@pytest.mark.parametrize(("rank", "config", "shape"), FALLBACK_CASES)
+def test_reference_fallback_matches_builtin(rank, config, shape):
+    """The fallback oracle of test_matches_builtin, the NumPy reference's
+    kernel gradient behind the activation, agrees with the built-in layer
+    where that one is right (float64)."""
+    rot_class, keras_class = LAYERS[rank]
+    config = dict(config, dtype="float64", kernel_initializer="zeros")
+    rot = rot_class(**config)
+    rot.build(shape)
+    twin = keras_class(**dict(config, data_format="channels_last"))
+    if config["data_format"] == "channels_first":
+        twin.build((shape[0], *shape[2:], shape[1]))
+    else:
+        twin.build(shape)
+    share_random_weights([rot, twin])
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape)
+    upstream = rng.standard_normal(rot.compute_output_shape(shape))
+    _, _, dvars = twin_gradients(twin, x, upstream, config["data_format"])
+    fallback = _reference_kernel_gradient(rot, x, upstream, rank)
+    assert_close(fallback, dvars["kernel"], RTOL["float64"], "dC/dkernel")
