@@ -172,7 +172,17 @@ def test_random_configurations_match_the_sliced_oracle(case):
     upstream = rng.standard_normal(rot.compute_output_shape(shape))
 
     y, dx, dvars = gradients(rot, x, upstream)
-    y_ref, dx_ref, dvars_ref = gradients(oracle, x, upstream)
+    try:
+        y_ref, dx_ref, dvars_ref = gradients(oracle, x, upstream)
+    except RuntimeError as error:
+        # torch 2.13's own convolution backward fails on some tiny shapes
+        # ("slow_conv2d: grad_weight must be contiguous"; keras.layers.Conv2D
+        # fails the same way, e.g. a (1, 2) kernel on a 1x2 input with one
+        # filter). There the NumPy reference is the oracle.
+        if BACKEND != "torch" or "contiguous" not in str(error):
+            raise
+        _assert_matches_reference(rot, x, upstream, y, dx, dvars)
+        return
     assert_close(y, y_ref, FLOAT64_RTOL, f"output of {config}")
     assert_close(dx, dx_ref, FLOAT64_RTOL, f"dC/dx of {config}")
     assert sorted(dvars) == sorted(dvars_ref)
@@ -193,6 +203,44 @@ def test_random_configurations_match_the_sliced_oracle(case):
             penalty_ref[name],
             FLOAT64_RTOL,
             f"penalty d/d{name} of {config}",
+        )
+
+
+def _assert_matches_reference(layer, x, upstream, y, dx, dvars):
+    """The layer's output and gradients against keras_rotconv.reference in
+    float64 (the activations drawn above are none and tanh)."""
+    first = layer.data_format == "channels_first"
+    if first:
+        x, upstream = np.moveaxis(x, 1, -1), np.moveaxis(upstream, 1, -1)
+        y, dx = np.moveaxis(y, 1, -1), np.moveaxis(dx, 1, -1)
+    weights = layer.get_weights()
+    kernel = weights[0]
+    bias = weights[1] if layer.use_bias else np.zeros(kernel.shape[-1])
+    motion = dict(
+        strides=tuple(layer.strides),
+        dilation=tuple(layer.dilation_rate),
+        padding=layer.padding,
+        groups=layer.groups,
+    )
+    z = reference.forward(x, kernel, bias, **motion)
+    tanh = layer.activation.__name__ == "tanh"
+    y_ref = np.tanh(z) if tanh else z
+    dx_ref, dkernel, dbias = reference.layer_backward(
+        x,
+        kernel,
+        bias,
+        upstream,
+        (lambda z: 1 - np.tanh(z) ** 2) if tanh else np.ones_like,
+        **motion,
+    )
+    assert_close(y, y_ref, FLOAT64_RTOL, "output against the reference")
+    assert_close(dx, dx_ref, FLOAT64_RTOL, "dC/dx against the reference")
+    assert_close(
+        dvars["kernel"], dkernel, FLOAT64_RTOL, "dC/dkernel against reference"
+    )
+    if layer.use_bias:
+        assert_close(
+            dvars["bias"], dbias, FLOAT64_RTOL, "dC/dbias against reference"
         )
 
 
