@@ -25,7 +25,7 @@ except ImportError:
 import keras
 import numpy as np
 
-from keras_rotconv import RotConv1D, RotConv2D, RotConv3D
+from keras_rotconv import RotConv1D, RotConv2D, RotConv3D, reference
 
 BACKEND = keras.backend.backend()
 
@@ -90,6 +90,46 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"tolerance {rtol:.0e}, {scope}: {error:.2e} ({where})"
         )
+
+
+# act(z) and act'(z) for the activations the tests use, in NumPy.
+_ACTIVATIONS = {
+    "linear": (lambda z: z, np.ones_like),
+    "relu": (lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(z.dtype)),
+    "sigmoid": (
+        lambda z: 1 / (1 + np.exp(-z)),
+        lambda z: np.exp(-z) / (1 + np.exp(-z)) ** 2,
+    ),
+    "tanh": (np.tanh, lambda z: 1 - np.tanh(z) ** 2),
+}
+
+
+def reference_results(layer, x, upstream):
+    """``(y, dC/dx, dC/dkernel, dC/dbias)`` of ``layer`` (its weights,
+    arguments and activation) computed by keras_rotconv.reference in
+    float64, for the loss ``Σ y · upstream``; ``x``, ``upstream`` and the
+    results in ``layer.data_format``."""
+    first = layer.data_format == "channels_first"
+    if first:
+        x, upstream = np.moveaxis(x, 1, -1), np.moveaxis(upstream, 1, -1)
+    x, upstream = x.astype("float64"), upstream.astype("float64")
+    weights = [np.asarray(w, dtype="float64") for w in layer.get_weights()]
+    kernel = weights[0]
+    bias = weights[1] if layer.use_bias else np.zeros(kernel.shape[-1])
+    motion = dict(
+        strides=tuple(layer.strides),
+        dilation=tuple(layer.dilation_rate),
+        padding=layer.padding,
+        groups=layer.groups,
+    )
+    act, slope = _ACTIVATIONS[layer.activation.__name__]
+    y = act(reference.forward(x, kernel, bias, **motion))
+    dx, dkernel, dbias = reference.layer_backward(
+        x, kernel, bias, upstream, slope, **motion
+    )
+    if first:
+        y, dx = np.moveaxis(y, -1, 1), np.moveaxis(dx, -1, 1)
+    return y, dx, dkernel, dbias
 
 
 def numeric_gradient(loss, array, step=FD_STEP):

@@ -21,6 +21,7 @@ from conftest import (
     gradients,
     make_twins,
     penalty_gradients,
+    reference_results,
     share_random_weights,
     to_numpy,
 )
@@ -208,31 +209,8 @@ def test_random_configurations_match_the_sliced_oracle(case):
 
 def _assert_matches_reference(layer, x, upstream, y, dx, dvars):
     """The layer's output and gradients against keras_rotconv.reference in
-    float64 (the activations drawn above are none and tanh)."""
-    first = layer.data_format == "channels_first"
-    if first:
-        x, upstream = np.moveaxis(x, 1, -1), np.moveaxis(upstream, 1, -1)
-        y, dx = np.moveaxis(y, 1, -1), np.moveaxis(dx, 1, -1)
-    weights = layer.get_weights()
-    kernel = weights[0]
-    bias = weights[1] if layer.use_bias else np.zeros(kernel.shape[-1])
-    motion = dict(
-        strides=tuple(layer.strides),
-        dilation=tuple(layer.dilation_rate),
-        padding=layer.padding,
-        groups=layer.groups,
-    )
-    z = reference.forward(x, kernel, bias, **motion)
-    tanh = layer.activation.__name__ == "tanh"
-    y_ref = np.tanh(z) if tanh else z
-    dx_ref, dkernel, dbias = reference.layer_backward(
-        x,
-        kernel,
-        bias,
-        upstream,
-        (lambda z: 1 - np.tanh(z) ** 2) if tanh else np.ones_like,
-        **motion,
-    )
+    float64."""
+    y_ref, dx_ref, dkernel, dbias = reference_results(layer, x, upstream)
     assert_close(y, y_ref, FLOAT64_RTOL, "output against the reference")
     assert_close(dx, dx_ref, FLOAT64_RTOL, "dC/dx against the reference")
     assert_close(

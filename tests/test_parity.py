@@ -20,11 +20,10 @@ from conftest import (
     RTOL,
     assert_close,
     gradients,
+    reference_results,
     relative_error,
     share_random_weights,
 )
-
-from keras_rotconv import reference
 
 # (groups, input channels, filters); "depthwise" is groups == channels.
 GROUPINGS = {"g1": (1, 3, 4), "g2": (2, 4, 6), "depthwise": (3, 3, 6)}
@@ -194,14 +193,11 @@ def twin_gradients(twin, x, upstream, data_format):
     return _to_first(y), _to_first(dx), dvars
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize(("rank", "config", "shape"), GRID)
-def test_matches_builtin(rank, config, shape, dtype):
+def _built_twins(rank, config, shape):
+    """The RotConv layer in ``config``'s data format and its built-in twin,
+    always channels-last (see ``twin_gradients``), with the same random
+    weights."""
     rot_class, keras_class = LAYERS[rank]
-    # The weights are replaced below; a zeros initializer skips Keras's
-    # random one, which compiles a JAX program per kernel shape (seconds per
-    # layer on CPU).
-    config = dict(config, dtype=dtype, kernel_initializer="zeros")
     rot = rot_class(**config)
     rot.build(shape)
     twin = keras_class(**dict(config, data_format="channels_last"))
@@ -210,6 +206,17 @@ def test_matches_builtin(rank, config, shape, dtype):
     else:
         twin.build(shape)
     share_random_weights([rot, twin])
+    return rot, twin
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(("rank", "config", "shape"), GRID)
+def test_matches_builtin(rank, config, shape, dtype):
+    # The weights are replaced below; a zeros initializer skips Keras's
+    # random one, which compiles a JAX program per kernel shape (seconds per
+    # layer on CPU).
+    config = dict(config, dtype=dtype, kernel_initializer="zeros")
+    rot, twin = _built_twins(rank, config, shape)
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal(shape).astype(dtype)
@@ -232,9 +239,9 @@ def test_matches_builtin(rank, config, shape, dtype):
         # einsum). Where the built-in layer disagrees, the float64 NumPy
         # transcription of the derivation decides, and the disagreement is
         # reported as a warning.
-        kernel_oracle = _reference_kernel_gradient(rot, x, upstream, rank)
+        kernel_oracle = reference_results(rot, x, upstream)[2]
         warnings.warn(
-            f"built-in {keras_class.__name__} kernel gradient off by "
+            f"built-in {type(twin).__name__} kernel gradient off by "
             f"{relative_error(dvars_ref['kernel'], kernel_oracle):.1e} "
             "relative to the NumPy reference; RotConv compared with the "
             "reference instead",
@@ -242,30 +249,6 @@ def test_matches_builtin(rank, config, shape, dtype):
         )
     assert_close(dvars["kernel"], kernel_oracle, rtol, "dC/dkernel")
     assert_close(dvars["bias"], dvars_ref["bias"], rtol, "dC/dbias")
-
-
-def _reference_kernel_gradient(layer, x, upstream, rank):
-    """dC/dkernel by keras_rotconv.reference in float64: the delta is
-    ``upstream · act'(z)`` with ``z`` from the reference forward pass."""
-    if layer.data_format == "channels_first":
-        x, upstream = np.moveaxis(x, 1, -1), np.moveaxis(upstream, 1, -1)
-    x, upstream = x.astype("float64"), upstream.astype("float64")
-    kernel, bias = (np.asarray(w, dtype="float64") for w in layer.get_weights())
-    motion = dict(
-        strides=tuple(layer.strides),
-        dilation=tuple(layer.dilation_rate),
-        padding=layer.padding,
-        groups=layer.groups,
-    )
-    z = reference.forward(x, kernel, bias, **motion)
-    slope = {
-        "linear": np.ones_like(z),
-        "relu": (z > 0).astype("float64"),
-        "sigmoid": np.exp(-z) / (1 + np.exp(-z)) ** 2,
-    }[layer.activation.__name__]
-    return reference.kernel_gradient(
-        x, upstream * slope, kernel.shape, **motion
-    )
 
 
 @pytest.mark.parametrize("rank", sorted(LAYERS))
@@ -318,19 +301,11 @@ def test_reference_fallback_matches_builtin(rank, config, shape):
     """The fallback oracle of test_matches_builtin, the NumPy reference's
     kernel gradient behind the activation, agrees with the built-in layer
     where that one is right (float64)."""
-    rot_class, keras_class = LAYERS[rank]
     config = dict(config, dtype="float64", kernel_initializer="zeros")
-    rot = rot_class(**config)
-    rot.build(shape)
-    twin = keras_class(**dict(config, data_format="channels_last"))
-    if config["data_format"] == "channels_first":
-        twin.build((shape[0], *shape[2:], shape[1]))
-    else:
-        twin.build(shape)
-    share_random_weights([rot, twin])
+    rot, twin = _built_twins(rank, config, shape)
     rng = np.random.default_rng(2)
     x = rng.standard_normal(shape)
     upstream = rng.standard_normal(rot.compute_output_shape(shape))
     _, _, dvars = twin_gradients(twin, x, upstream, config["data_format"])
-    fallback = _reference_kernel_gradient(rot, x, upstream, rank)
+    fallback = reference_results(rot, x, upstream)[2]
     assert_close(fallback, dvars["kernel"], RTOL["float64"], "dC/dkernel")
