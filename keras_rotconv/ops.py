@@ -160,7 +160,7 @@ def input_delta(
     """
     rank = len(strides)
     kernel_size = w.shape[:rank]
-    widths = [(0, 0)]
+    widths = []
     for axis in range(rank):
         span = effective_kernel_size(kernel_size[axis], dilation[axis])
         before, after = pairs[axis]
@@ -168,13 +168,15 @@ def input_delta(
         reached = (length - 1) * strides[axis] + span
         rest = spatial_shape[axis] + before + after - reached
         widths.append((span - 1 - before, span - 1 - after + rest))
-    widths.append((0, 0))
-    full = _pad(spread(delta, strides), widths)
+    # The convolution pads as it reads; a negative width (forward padding
+    # wider than the kernel's span, outputs that saw only zeros) crops.
+    spread_delta = _crop_negative(spread(delta, strides), widths)
     return conv(
-        full,
+        spread_delta,
         rot180(w, groups),
         strides=(1,) * rank,
         dilation=dilation,
+        pairs=[(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in widths],
         groups=groups,
     )
 
@@ -272,11 +274,9 @@ def conv(
     kernel_size = tuple(w.shape[:rank])
 
     def forward(x, w, *bias):
-        z = _backend.correlate(
-            _pad(x, [(0, 0), *pairs, (0, 0)]), w, strides, dilation, groups
-        )
+        z = _backend.correlate(x, w, strides, dilation, groups, pairs)
         if bias:
-            z = z + bias[0]
+            z = _backend.add_bias(z, bias[0])
         return z
 
     def backward(delta, x, w, *bias):
@@ -313,6 +313,19 @@ def _pad(x, widths):
     if all(_is_zero(v) for pair in widths for v in pair):
         return x
     return _backend.pad(x, widths)
+
+
+def _crop_negative(x, widths):
+    """``x`` with ``-width`` entries cut from each spatial side whose padding
+    width is negative."""
+    for axis, (lo, hi) in enumerate(widths, start=1):
+        cut_lo, cut_hi = _at_least_zero(-lo), _at_least_zero(-hi)
+        if _is_zero(cut_lo) and _is_zero(cut_hi):
+            continue
+        index = [slice(None)] * len(x.shape)
+        index[axis] = slice(cut_lo, ops.shape(x)[axis] - cut_hi)
+        x = x[tuple(index)]
+    return x
 
 
 def _crop(x, axis, length):
