@@ -60,6 +60,23 @@ def add_bias(z, b):
     return z + b
 
 
+def depth_to_space(phases: Sequence, strides: Sequence[int]):
+    """``ops.interleave`` as TensorFlow's DepthToSpace, where it applies (2D,
+    equal strides); ``None`` elsewhere."""
+    if (
+        _BACKEND != "tensorflow"
+        or len(strides) != 2
+        or strides[0] != strides[1]
+    ):
+        return None
+    import tensorflow as tf
+
+    # DepthToSpace reads channel (r0·s + r1)·C + c of position (m0, m1) as
+    # channel c of position (m0·s + r0, m1·s + r1): the phases in product
+    # order, concatenated along the channels.
+    return tf.nn.depth_to_space(tf.concat(phases, axis=-1), strides[0])
+
+
 def _static(pairs) -> bool:
     return all(isinstance(v, int) for pair in pairs for v in pair)
 

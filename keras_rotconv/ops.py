@@ -41,6 +41,7 @@ the derived ones. None of them calls a framework's convolution-gradient kernel.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import keras
@@ -157,7 +158,14 @@ def input_delta(
     cropped back off (fewer zeros on each side), and input positions after
     the last window the stride reached (``rest`` below) get zeros, since no
     output depended on them.
+
+    A strided layer computes the same sums without the zeros ``spread``
+    inserts: see ``input_delta_by_phases``.
     """
+    if _splits_into_phases(strides, dilation, spatial_shape, pairs):
+        return input_delta_by_phases(
+            delta, w, spatial_shape, strides, pairs, groups
+        )
     rank = len(strides)
     kernel_size = w.shape[:rank]
     widths = []
@@ -168,16 +176,105 @@ def input_delta(
         reached = (length - 1) * strides[axis] + span
         rest = spatial_shape[axis] + before + after - reached
         widths.append((span - 1 - before, span - 1 - after + rest))
-    # The convolution pads as it reads; a negative width (forward padding
-    # wider than the kernel's span, outputs that saw only zeros) crops.
-    spread_delta = _crop_negative(spread(delta, strides), widths)
+    spread_delta = spread(delta, strides)
+    return _full_convolution(spread_delta, w, widths, dilation, groups)
+
+
+def input_delta_by_phases(
+    delta,
+    w,
+    spatial_shape: Sequence[int],
+    strides: Sequence[int],
+    pairs: Pairs,
+    groups: int = 1,
+):
+    """``input_delta`` of a strided, undilated layer, one input phase at a
+    time, without the zeros of ``spread``.
+
+    Split each axis of the input into its ``s`` phases, the positions
+    ``i = m·s + q``. Input ``i`` is padded position ``i + before``, which
+    output ``p`` reads through tap ``k`` when ``p·s + k = i + before``. With
+    ``r = (q + before) mod s`` and ``c = (q + before) // s`` those taps are
+    ``k = j·s + r`` and the outputs ``p = m + c - j``, so::
+
+        delta_prev[m·s + q] = Σ_j delta[m + c - j] · w[j·s + r]
+
+    which is the full convolution of the delta, shifted by ``c``, with the
+    rotated taps ``w[r::s]``: the stride-1 rule, once per phase, on that
+    phase's own taps. No product is spent on an inserted zero, and none of
+    the sums gains a term (a NaN delta times a zero stays out of them).
+    ``interleave`` puts the phases back in place.
+    """
+    rank = len(strides)
+    kernel_size = w.shape[:rank]
+    lengths = ops.shape(delta)[1 : rank + 1]
+    counts = [-(-size // s) for size, s in zip(spatial_shape, strides)]
+    phases = []
+    for phase in itertools.product(*(range(s) for s in strides)):
+        taps, widths = [], []
+        for axis, q in enumerate(phase):
+            s, before = strides[axis], pairs[axis][0]
+            r, c = (q + before) % s, (q + before) // s
+            taps.append(slice(r, None, s))
+            t = len(range(r, kernel_size[axis], s))
+            widths.append((t - 1 - c, counts[axis] - lengths[axis] + c))
+        w_phase = w[(*taps, slice(None), slice(None))]
+        if 0 in w_phase.shape[:rank]:
+            # A phase no tap reaches (a kernel shorter than its stride).
+            shape = (ops.shape(delta)[0], *counts, groups * w.shape[-2])
+            phases.append(ops.zeros(shape, dtype=delta.dtype))
+            continue
+        phases.append(
+            _full_convolution(delta, w_phase, widths, (1,) * rank, groups)
+        )
+    merged = interleave(phases, strides)
+    for axis in range(rank):
+        merged = _crop(merged, axis + 1, spatial_shape[axis])
+    return merged
+
+
+def _full_convolution(delta, w, widths, dilation, groups):
+    """``(delta * rot180(w))`` with ``widths`` zeros around the delta: the
+    convolution pads as it reads, and a negative width (forward padding
+    wider than the kernel's span: outputs that saw only zeros) crops."""
+    rank = len(dilation)
     return conv(
-        spread_delta,
+        _crop_negative(delta, widths),
         rot180(w, groups),
         strides=(1,) * rank,
         dilation=dilation,
         pairs=[(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in widths],
         groups=groups,
+    )
+
+
+def interleave(phases: Sequence, strides: Sequence[int]):
+    """Put phases back in place: ``phases`` lists, in ``itertools.product``
+    order of ``q``, the tensors ``(N, *M, C)`` holding positions
+    ``m·s + q``; the result is ``(N, *(M·s), C)``."""
+    merged = _backend.depth_to_space(phases, strides)
+    if merged is not None:
+        return merged
+    rank = len(strides)
+    n, *counts, c = ops.shape(phases[0])
+    stacked = ops.reshape(ops.stack(phases, axis=1), (n, *strides, *counts, c))
+    order = [0]
+    for axis in range(rank):
+        order += [1 + rank + axis, 1 + axis]
+    moved = ops.transpose(stacked, (*order, 2 * rank + 1))
+    return ops.reshape(moved, (n, *(m * s for m, s in zip(counts, strides)), c))
+
+
+def _splits_into_phases(strides, dilation, spatial_shape, pairs) -> bool:
+    """Whether the phase split applies: a strided layer whose strided axes
+    are undilated (Keras refuses both on one layer; ``conv`` takes them and
+    keeps the textbook rule), with sizes known when the graph is built
+    (which tap belongs to which phase depends on the padding)."""
+    sizes = (*spatial_shape, *(v for pair in pairs for v in pair))
+    return (
+        any(s > 1 for s in strides)
+        and all(d == 1 for s, d in zip(strides, dilation) if s > 1)
+        and all(isinstance(v, int) for v in sizes)
     )
 
 
