@@ -298,21 +298,104 @@ def kernel_gradient(
     ``dilation`` positions, so the convolution runs with dilation ``stride``
     and stride ``dilation``. Groups pair each group's inputs with that
     group's deltas.
+
+    A strided, undilated axis is first split into its ``s`` phases, which
+    drops the dilation of the delta: tap ``k = j·s + r`` reads padded
+    position ``(p + j)·s + r``, which is position ``p + j`` of phase ``r``,
+    so every phase is a stride-1 correlation with the delta. The phases go
+    side by side into the rows (``_phase_rows``), one convolution computes
+    ``ceil(K / s)`` taps of each, and ``_taps_from_phases`` puts tap
+    ``(j, r)`` back at ``j·s + r``, dropping the few past the kernel's end.
     """
     x, delta = _at_least_one_sample(x, delta)
     rank = len(strides)
-    padded = _pad(x, [(0, 0), *pairs, (0, 0)])
+    phases, taps, widths = [], [], []
+    conv_strides, conv_dilation = [], []
     for axis in range(rank):
-        span = effective_kernel_size(kernel_size[axis], dilation[axis])
-        reached = (ops.shape(delta)[axis + 1] - 1) * strides[axis] + span
-        padded = _crop(padded, axis + 1, reached)
-    batch, *spatial, cin = ops.shape(padded)
-    by_group = ops.reshape(padded, (batch, *spatial, groups, cin // groups))
-    rows = ops.transpose(by_group, (rank + 2, *range(1, rank + 1), rank + 1, 0))
-    rows = ops.reshape(rows, (cin // groups, *spatial, groups * batch))
+        k, s, d = kernel_size[axis], strides[axis], dilation[axis]
+        length = ops.shape(delta)[axis + 1]
+        if s > 1 and d == 1:
+            phases.append(s)
+            taps.append(-(-k // s))
+            used = (length + taps[-1] - 1) * s
+            conv_strides.append(1)
+            conv_dilation.append(1)
+        else:
+            phases.append(1)
+            taps.append(k)
+            used = (length - 1) * s + effective_kernel_size(k, d)
+            conv_strides.append(d)
+            conv_dilation.append(s)
+        # Padded as the forward pass pads, up to the last position used:
+        # positions past it are cut off.
+        before = pairs[axis][0]
+        widths.append((before, used - before - ops.shape(x)[axis + 1]))
+    padded = _crop_negative(x, widths)
+    padded = _pad(
+        padded,
+        [(0, 0)]
+        + [(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in widths]
+        + [(0, 0)],
+    )
     window = ops.transpose(delta, (*range(1, rank + 1), 0, rank + 1))
-    grad = conv(rows, window, strides=dilation, dilation=strides, groups=groups)
-    return ops.transpose(grad, (*range(1, rank + 1), 0, rank + 1))
+    grad = conv(
+        _phase_rows(padded, phases, groups),
+        window,
+        strides=conv_strides,
+        dilation=conv_dilation,
+        groups=groups,
+    )
+    grad = _taps_from_phases(grad, phases, taps)
+    for axis in range(rank):
+        grad = _crop(grad, axis, kernel_size[axis])
+    return grad
+
+
+def _phase_rows(x, phases: Sequence[int], groups: int):
+    """The kernel gradient's rows: ``(N, *(M·phases), C)`` to
+    ``(∏phases · C/g, *M, g·N)``, phase ``r`` of position ``m`` being
+    position ``m·phases + r``; the phases and the input's channels become
+    the batch, its batch the channels, grouped as the kernel is."""
+    rank = len(phases)
+    n, *sizes, c = ops.shape(x)
+    counts = [size // s for size, s in zip(sizes, phases)]
+    split = ops.reshape(
+        x,
+        (
+            n,
+            *(v for m, s in zip(counts, phases) for v in (m, s)),
+            groups,
+            c // groups,
+        ),
+    )
+    # (N, M0, s0, M1, s1, ..., g, C/g) to (s0, s1, ..., C/g, M0, M1, ..., g, N)
+    order = (
+        *range(2, 2 * rank + 1, 2),
+        2 * rank + 2,
+        *range(1, 2 * rank, 2),
+        2 * rank + 1,
+        0,
+    )
+    rows = ops.transpose(split, order)
+    return ops.reshape(rows, (-1, *counts, groups * n))
+
+
+def _taps_from_phases(grad, phases: Sequence[int], taps: Sequence[int]):
+    """The kernel gradient's convolution result, ``(∏phases · C/g, *T,
+    C_out)``, as a kernel ``(*(T·phases), C/g, C_out)``: tap ``j`` of phase
+    ``r`` goes to ``j·phases + r``."""
+    rank = len(phases)
+    cout = grad.shape[-1]
+    split = ops.reshape(grad, (*phases, -1, *taps, cout))
+    # (s0, s1, ..., C/g, T0, T1, ..., C_out) to (T0, s0, T1, s1, ..., C/g,
+    # C_out)
+    order = []
+    for axis in range(rank):
+        order += [rank + 1 + axis, axis]
+    moved = ops.transpose(split, (*order, rank, 2 * rank + 1))
+    return ops.reshape(
+        moved, (*(t * s for t, s in zip(taps, phases)), -1, cout)
+    )
 
 
 def _at_least_one_sample(x, delta):
