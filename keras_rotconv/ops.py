@@ -162,7 +162,7 @@ def input_delta(
     A strided layer computes the same sums without the zeros ``spread``
     inserts: see ``input_delta_by_phases``.
     """
-    if _splits_into_phases(strides, dilation, spatial_shape, pairs):
+    if _splits_into_phases(strides, dilation):
         return input_delta_by_phases(
             delta, w, spatial_shape, strides, pairs, groups
         )
@@ -188,49 +188,49 @@ def input_delta_by_phases(
     pairs: Pairs,
     groups: int = 1,
 ):
-    """``input_delta`` of a strided, undilated layer, one input phase at a
-    time, without the zeros of ``spread``.
+    """``input_delta`` of a strided, undilated layer, one phase at a time,
+    without the zeros of ``spread``.
 
-    Split each axis of the input into its ``s`` phases, the positions
-    ``i = m·s + q``. Input ``i`` is padded position ``i + before``, which
-    output ``p`` reads through tap ``k`` when ``p·s + k = i + before``. With
-    ``r = (q + before) mod s`` and ``c = (q + before) // s`` those taps are
-    ``k = j·s + r`` and the outputs ``p = m + c - j``, so::
+    Split each axis of the padded input into its ``s`` phases, the positions
+    ``u = m·s + r``. Output ``p`` reads position ``u`` through tap ``k`` when
+    ``p·s + k = u``, so the taps that reach phase ``r`` are ``k = j·s + r``,
+    from the outputs ``p = m - j``::
 
-        delta_prev[m·s + q] = Σ_j delta[m + c - j] · w[j·s + r]
+        delta_prev[m·s + r] = Σ_j delta[m - j] · w[j·s + r]
 
-    which is the full convolution of the delta, shifted by ``c``, with the
-    rotated taps ``w[r::s]``: the stride-1 rule, once per phase, on that
-    phase's own taps. No product is spent on an inserted zero, and none of
-    the sums gains a term (a NaN delta times a zero stays out of them).
-    ``interleave`` puts the phases back in place.
+    the full convolution of the delta with the rotated taps ``w[r::s]``: the
+    stride-1 rule, once per phase, on that phase's own taps. No product is
+    spent on an inserted zero, and no sum gains a term (a NaN delta times a
+    zero tap stays out of them). ``interleave`` puts the phases back in
+    place, and the forward padding is cropped off.
+
+    Every phase is computed to the same length, ``L + ceil(K / s)``, which
+    reaches past the padded input's end; the phases then stay static while
+    the padding may be known only when the graph runs.
     """
     rank = len(strides)
     kernel_size = w.shape[:rank]
-    lengths = ops.shape(delta)[1 : rank + 1]
-    counts = [-(-size // s) for size, s in zip(spatial_shape, strides)]
+    most = [-(-k // s) for k, s in zip(kernel_size, strides)]
     phases = []
     for phase in itertools.product(*(range(s) for s in strides)):
-        taps, widths = [], []
-        for axis, q in enumerate(phase):
-            s, before = strides[axis], pairs[axis][0]
-            r, c = (q + before) % s, (q + before) // s
-            taps.append(slice(r, None, s))
-            t = len(range(r, kernel_size[axis], s))
-            widths.append((t - 1 - c, counts[axis] - lengths[axis] + c))
-        w_phase = w[(*taps, slice(None), slice(None))]
-        if 0 in w_phase.shape[:rank]:
-            # A phase no tap reaches (a kernel shorter than its stride).
-            shape = (ops.shape(delta)[0], *counts, groups * w.shape[-2])
+        w_phase = w[(*(slice(r, None, s) for r, s in zip(phase, strides)),)]
+        taps = w_phase.shape[:rank]
+        if 0 in taps:
+            # No tap reaches this phase (a kernel shorter than its stride).
+            n, *lengths, _ = ops.shape(delta)
+            channels = groups * w.shape[-2]
+            shape = (n, *(m + t for m, t in zip(lengths, most)), channels)
             phases.append(ops.zeros(shape, dtype=delta.dtype))
             continue
+        widths = [(t - 1, m) for t, m in zip(taps, most)]
         phases.append(
             _full_convolution(delta, w_phase, widths, (1,) * rank, groups)
         )
-    merged = interleave(phases, strides)
-    for axis in range(rank):
-        merged = _crop(merged, axis + 1, spatial_shape[axis])
-    return merged
+    padded = interleave(phases, strides)
+    index = [slice(None)]
+    for size, (before, _) in zip(spatial_shape, pairs):
+        index.append(slice(before, before + size))
+    return padded[tuple(index)]
 
 
 def _full_convolution(delta, w, widths, dilation, groups):
@@ -265,17 +265,11 @@ def interleave(phases: Sequence, strides: Sequence[int]):
     return ops.reshape(moved, (n, *(m * s for m, s in zip(counts, strides)), c))
 
 
-def _splits_into_phases(strides, dilation, spatial_shape, pairs) -> bool:
-    """Whether the phase split applies: a strided layer whose strided axes
-    are undilated (Keras refuses both on one layer; ``conv`` takes them and
-    keeps the textbook rule), with sizes known when the graph is built
-    (which tap belongs to which phase depends on the padding)."""
-    sizes = (*spatial_shape, *(v for pair in pairs for v in pair))
-    return (
-        any(s > 1 for s in strides)
-        and all(d == 1 for s, d in zip(strides, dilation) if s > 1)
-        and all(isinstance(v, int) for v in sizes)
-    )
+def _splits_into_phases(strides, dilation) -> bool:
+    """Whether the phase split applies: a strided layer, undilated (Keras
+    refuses strides and dilation together; ``conv`` takes them and keeps
+    the textbook rule)."""
+    return any(s > 1 for s in strides) and all(d == 1 for d in dilation)
 
 
 def kernel_gradient(
