@@ -204,33 +204,51 @@ def input_delta_by_phases(
     zero tap stays out of them). ``interleave`` puts the phases back in
     place, and the forward padding is cropped off.
 
-    Every phase is computed to the same length, ``L + ceil(K / s)``, which
-    reaches past the padded input's end; the phases then stay static while
-    the padding may be known only when the graph runs.
+    Every phase is computed over the same positions ``m`` in ``[lo, hi)``:
+    exactly those of the input when the padding is known as the graph is
+    built (then, with ``before`` and the input's end multiples of ``s``,
+    nothing is cropped), else ``[0, L + ceil(K / s))``, which reaches past
+    the padded input's end, so the phases stay static while the padding is
+    known only when the graph runs.
     """
     rank = len(strides)
     kernel_size = w.shape[:rank]
-    most = [-(-k // s) for k, s in zip(kernel_size, strides)]
+    lengths = ops.shape(delta)[1 : rank + 1]
+    ranges = []
+    for size, s, k, length, (before, _) in zip(
+        spatial_shape, strides, kernel_size, lengths, pairs
+    ):
+        if isinstance(before, int) and isinstance(size, int):
+            ranges.append((before // s, -(-(before + size) // s)))
+        else:
+            ranges.append((0, length + -(-k // s)))
     phases = []
     for phase in itertools.product(*(range(s) for s in strides)):
         w_phase = w[(*(slice(r, None, s) for r, s in zip(phase, strides)),)]
         taps = w_phase.shape[:rank]
         if 0 in taps:
             # No tap reaches this phase (a kernel shorter than its stride).
-            n, *lengths, _ = ops.shape(delta)
-            channels = groups * w.shape[-2]
-            shape = (n, *(m + t for m, t in zip(lengths, most)), channels)
+            shape = (
+                ops.shape(delta)[0],
+                *(hi - lo for lo, hi in ranges),
+                groups * w.shape[-2],
+            )
             phases.append(ops.zeros(shape, dtype=delta.dtype))
             continue
-        widths = [(t - 1, m) for t, m in zip(taps, most)]
+        # Output m of the full convolution (delta padded with t - 1 zeros)
+        # is m - (t - 1) + lo here.
+        widths = [
+            (t - 1 - lo, hi - length)
+            for t, (lo, hi), length in zip(taps, ranges, lengths)
+        ]
         phases.append(
             _full_convolution(delta, w_phase, widths, (1,) * rank, groups)
         )
-    padded = interleave(phases, strides)
-    index = [slice(None)]
-    for size, (before, _) in zip(spatial_shape, pairs):
-        index.append(slice(before, before + size))
-    return padded[tuple(index)]
+    merged = interleave(phases, strides)
+    for axis in range(rank):
+        offset = pairs[axis][0] - ranges[axis][0] * strides[axis]
+        merged = _window(merged, axis + 1, offset, spatial_shape[axis])
+    return merged
 
 
 def _full_convolution(delta, w, widths, dilation, groups):
@@ -504,8 +522,13 @@ def _crop_negative(x, widths):
 
 def _crop(x, axis, length):
     """Keep the first ``length`` entries of ``axis``."""
-    if isinstance(length, int) and x.shape[axis] == length:
+    return _window(x, axis, 0, length)
+
+
+def _window(x, axis, start, length):
+    """Keep the entries ``start`` to ``start + length`` of ``axis``."""
+    if _is_zero(start) and isinstance(length, int) and x.shape[axis] == length:
         return x
     index = [slice(None)] * len(x.shape)
-    index[axis] = slice(0, length)
+    index[axis] = slice(start, start + length)
     return x[tuple(index)]
