@@ -21,7 +21,10 @@ plain reading in the same rule:
 
 * strides ``s``: the forward pass only visits every ``s``-th position, so the
   delta is first put back at those positions with zeros between them
-  (``spread``) before the full convolution;
+  (``spread``) before the full convolution. The code computes the same sums
+  without multiplying by those zeros: split into its ``s`` phases (the
+  positions ``m·s + r``), a strided axis is a stride-1 axis per phase
+  (``input_delta_by_phases``, and the phase split in ``kernel_gradient``);
 * dilation ``d``: the kernel taps are ``d`` apart, so the rotated kernel is
   applied with the same dilation, and in the kernel gradient the delta is the
   sliding window while the input is sampled every ``d`` positions;
@@ -34,9 +37,13 @@ Everything here is channels-last: ``x`` is ``(N, *S, C_in)``, ``w`` is
 ``(N, *L, C_out)``. Padding is explicit, as one ``(before, after)`` pair per
 spatial axis (see ``padding_pairs``).
 
-The backward rules are themselves convolutions computed by ``conv``, so their
-own gradients (second-order derivatives, such as a gradient penalty) are again
-the derived ones. None of them calls a framework's convolution-gradient kernel.
+The backward rules are themselves convolutions computed by ``conv`` (a
+one-tap kernel's gradient, a plain matrix product), so their own gradients
+(second-order derivatives, such as a gradient penalty) are again the derived
+ones. None of them calls a framework's convolution-gradient kernel. Where a
+choice changes only the cost (padding read by the convolution or written
+out, phases instead of inserted zeros), the rules take the cheaper one;
+benchmarks/benchmark.py measures the result against the built-in layers.
 """
 
 from __future__ import annotations
