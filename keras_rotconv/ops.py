@@ -325,12 +325,7 @@ def kernel_gradient(
     side by side into the rows (``_phase_rows``), one convolution computes
     ``ceil(K / s)`` taps of each, and ``_taps_from_phases`` puts tap
     ``(j, r)`` back at ``j·s + r``, dropping the few past the kernel's end.
-
-    A kernel of a single tap needs no sliding window: see
-    ``one_tap_kernel_gradient``.
     """
-    if all(k == 1 for k in kernel_size):
-        return one_tap_kernel_gradient(x, delta, strides, pairs, groups)
     x, delta = _at_least_one_sample(x, delta)
     rank = len(strides)
     phases, taps, widths = [], [], []
@@ -373,46 +368,6 @@ def kernel_gradient(
     for axis in range(rank):
         grad = _crop(grad, axis, kernel_size[axis])
     return grad
-
-
-def one_tap_kernel_gradient(
-    x, delta, strides: Sequence[int], pairs: Pairs, groups: int = 1
-):
-    """``kernel_gradient`` of a one-tap (1x1) kernel: ``dC/dw[0, i, o] =
-    Σ_{n, p} a_prev[n, p·stride, i] · delta[n, p, o]``, one matrix product
-    of the inputs the tap reads with the delta, contracted over the batch
-    and the output positions, group by group.
-    """
-    rank = len(strides)
-    padded = _pad(x, [(0, 0), *pairs, (0, 0)])
-    index = [slice(None)]
-    for axis, s in enumerate(strides, start=1):
-        length = ops.shape(delta)[axis]
-        index.append(slice(0, (length - 1) * s + 1, s))
-    read = _window_all(padded, index)
-    cin, cout = x.shape[-1], delta.shape[-1]
-    if groups == 1:
-        # A plain product: the transpose folds into it.
-        grad = ops.matmul(
-            ops.transpose(ops.reshape(read, (-1, cin))),
-            ops.reshape(delta, (-1, cout)),
-        )
-    else:
-        grad = ops.einsum(
-            "pgi,pgo->igo",
-            ops.reshape(read, (-1, groups, cin // groups)),
-            ops.reshape(delta, (-1, groups, cout // groups)),
-        )
-    return ops.reshape(grad, (*(1,) * rank, cin // groups, cout))
-
-
-def _window_all(x, index):
-    """``x[index]``, or ``x`` itself where the index takes all of it."""
-    whole = all(
-        isinstance(i.stop, int) and i.step in (None, 1) and i.stop == n
-        for i, n in zip(index[1:], x.shape[1:])
-    )
-    return x if whole else x[tuple(index)]
 
 
 def _phase_rows(x, phases: Sequence[int], groups: int):
