@@ -37,13 +37,12 @@ Everything here is channels-last: ``x`` is ``(N, *S, C_in)``, ``w`` is
 ``(N, *L, C_out)``. Padding is explicit, as one ``(before, after)`` pair per
 spatial axis (see ``padding_pairs``).
 
-The backward rules are themselves convolutions computed by ``conv`` (a
-one-tap kernel's gradient, a plain matrix product), so their own gradients
-(second-order derivatives, such as a gradient penalty) are again the derived
-ones. None of them calls a framework's convolution-gradient kernel. Where a
-choice changes only the cost (padding read by the convolution or written
-out, phases instead of inserted zeros), the rules take the cheaper one;
-benchmarks/benchmark.py measures the result against the built-in layers.
+The backward rules are themselves convolutions computed by ``conv``, so their
+own gradients (second-order derivatives, such as a gradient penalty) are again
+the derived ones. None of them calls a framework's convolution-gradient kernel.
+Where a choice changes only the cost (padding read by the convolution or
+written out, phases instead of inserted zeros), the rules take the cheaper
+one; benchmarks/benchmark.py measures the result against the built-in layers.
 """
 
 from __future__ import annotations
