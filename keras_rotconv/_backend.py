@@ -1,10 +1,13 @@
 """The backend seam: what the derivation cannot say in ``keras.ops``.
 
-``correlate`` is a plain valid, strided, dilated, grouped convolution in
-channels-last layout, the forward primitive every rule in ``ops`` is built
-from. ``custom_gradient`` attaches a backward function to a forward one using
-the backend's own mechanism. ``pad`` is zero padding. The formulas themselves
-live in ``ops`` and are written once.
+``correlate`` is a plain strided, dilated, grouped convolution of a
+zero-padded input in channels-last layout, the forward primitive every rule
+in ``ops`` is built from; ``add_bias`` adds the bias. ``custom_gradient``
+attaches a backward function to a forward one using the backend's own
+mechanism. ``pad`` is zero padding. The formulas themselves live in ``ops``
+and are written once; what differs here is only how each backend computes
+the same values fastest (padding read by the convolution rather than
+written out, TensorFlow's depthwise and bias-add ops).
 """
 
 from __future__ import annotations
@@ -17,20 +20,68 @@ _BACKEND = keras.backend.backend()
 
 
 def correlate(
-    x, w, strides: Sequence[int], dilation: Sequence[int], groups: int
+    x,
+    w,
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    pairs: Sequence[tuple] | None = None,
 ):
-    """``out[n, p, o] = Σ_{k, i} x[n, p·strides + k·dilation, i] w[k, i, o]``
-    with no padding, each group of channels on its own.
+    """``out[n, p, o] = Σ_{k, i} x̂[n, p·strides + k·dilation, i] w[k, i, o]``,
+    each group of channels on its own, where ``x̂`` is ``x`` with
+    ``pairs[axis] = (before, after)`` zeros added to each spatial axis (none
+    by default).
 
     ``x`` is ``(N, *S, C_in)``, ``w`` is ``(*K, C_in // groups, C_out)``.
+    Where the backend's convolution can pad as it reads, the padded copy of
+    ``x`` is never written out.
     """
-    empty = _empty_result(x, w, strides, dilation)
+    rank = len(strides)
+    pairs = tuple(pairs) if pairs is not None else ((0, 0),) * rank
+    if not _static(pairs):
+        x = pad(x, [(0, 0), *pairs, (0, 0)])
+        pairs = ((0, 0),) * rank
+    empty = _empty_result(x, w, strides, dilation, pairs)
     if empty is not None:
         return keras.ops.zeros(empty, dtype=x.dtype)
-    return _CORRELATE[_BACKEND](x, w, tuple(strides), tuple(dilation), groups)
+    return _CORRELATE[_BACKEND](
+        x, w, tuple(strides), tuple(dilation), groups, pairs
+    )
 
 
-def _empty_result(x, w, strides, dilation):
+def add_bias(z, b):
+    """``z + b``, ``b`` added along the last (channel) axis."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        # TensorFlow's graph optimizer fuses a BiasAdd into the convolution
+        # before it; an AddV2 it leaves as a separate pass over ``z``.
+        return tf.nn.bias_add(z, b)
+    return z + b
+
+
+def depth_to_space(phases: Sequence, strides: Sequence[int]):
+    """``ops.interleave`` as TensorFlow's DepthToSpace, where it applies (2D,
+    equal strides); ``None`` elsewhere."""
+    if (
+        _BACKEND != "tensorflow"
+        or len(strides) != 2
+        or strides[0] != strides[1]
+    ):
+        return None
+    import tensorflow as tf
+
+    # DepthToSpace reads channel (r0·s + r1)·C + c of position (m0, m1) as
+    # channel c of position (m0·s + r0, m1·s + r1): the phases in product
+    # order, concatenated along the channels.
+    return tf.nn.depth_to_space(tf.concat(phases, axis=-1), strides[0])
+
+
+def _static(pairs) -> bool:
+    return all(isinstance(v, int) for pair in pairs for v in pair)
+
+
+def _empty_result(x, w, strides, dilation, pairs):
     """The result's shape when it is empty or a sum of no terms, else None.
 
     Backends refuse such convolutions (an input shorter than the kernel, a
@@ -43,8 +94,10 @@ def _empty_result(x, w, strides, dilation):
     if any(n is None for n in sizes):
         return None
     lengths = [
-        max((n - (k - 1) * d - 1) // s + 1, 0)
-        for n, k, s, d in zip(x.shape[1:-1], w.shape[:rank], strides, dilation)
+        max((n + lo + hi - (k - 1) * d - 1) // s + 1, 0)
+        for n, k, s, d, (lo, hi) in zip(
+            x.shape[1:-1], w.shape[:rank], strides, dilation, pairs
+        )
     ]
     shape = (x.shape[0], *lengths, w.shape[-1])
     if 0 in shape or 0 in w.shape:
@@ -67,12 +120,36 @@ def pad(x, widths: Sequence[tuple[int, int]]):
     return _PAD[_BACKEND](x, widths)
 
 
-def _tf_correlate(x, w, strides, dilation, groups):
+def _tf_correlate(x, w, strides, dilation, groups, pairs):
     import tensorflow as tf
 
+    rank = len(strides)
+    padding = _tf_padding(x.shape, w.shape, strides, dilation, pairs)
+    if padding == "EXPLICIT" and rank != 2:
+        # Only the 2D convolutions take explicit padding.
+        x = tf.pad(x, [(0, 0), *pairs, (0, 0)])
+        padding = "VALID"
+    elif padding == "EXPLICIT":
+        padding = [(0, 0), *pairs, (0, 0)]
+    if _tf_depthwise(w, strides, dilation, groups):
+        # One input channel per group: TensorFlow's depthwise convolution
+        # runs all groups as one op.
+        *kernel, _, cout = w.shape
+        return tf.nn.depthwise_conv2d(
+            x,
+            tf.reshape(w, (*kernel, groups, cout // groups)),
+            strides=(1, *strides, 1),
+            padding=padding,
+            dilations=dilation,
+        )
+
     def one(x, w):
+        if rank == 2:
+            return tf.nn.conv2d(
+                x, w, strides=strides, padding=padding, dilations=dilation
+            )
         return tf.nn.convolution(
-            x, w, strides=strides, padding="VALID", dilations=dilation
+            x, w, strides=strides, padding=padding, dilations=dilation
         )
 
     if groups == 1:
@@ -88,6 +165,36 @@ def _tf_correlate(x, w, strides, dilation, groups):
         ],
         axis=-1,
     )
+
+
+def _tf_depthwise(w, strides, dilation, groups) -> bool:
+    """Whether TensorFlow's depthwise convolution computes this grouped one:
+    2D, one input channel per group, equal strides, and no stride and
+    dilation together (the op's own limits)."""
+    return (
+        groups > 1
+        and len(strides) == 2
+        and w.shape[-2] == 1
+        and strides[0] == strides[1]
+        and (all(s == 1 for s in strides) or all(d == 1 for d in dilation))
+    )
+
+
+def _tf_padding(x_shape, w_shape, strides, dilation, pairs):
+    """``"VALID"`` or ``"SAME"`` where ``pairs`` are exactly that rule's
+    padding, else ``"EXPLICIT"``."""
+    if all(pair == (0, 0) for pair in pairs):
+        return "VALID"
+    for size, k, s, d, pair in zip(
+        x_shape[1:-1], w_shape[:-2], strides, dilation, pairs
+    ):
+        if size is None:
+            return "EXPLICIT"
+        span = (k - 1) * d + 1
+        total = max((-(-size // s) - 1) * s + span - size, 0)
+        if pair != (total // 2, total - total // 2):
+            return "EXPLICIT"
+    return "SAME"
 
 
 def _tf_custom_gradient(forward, backward):
@@ -110,14 +217,14 @@ _JAX_LAYOUTS = {
 }
 
 
-def _jax_correlate(x, w, strides, dilation, groups):
+def _jax_correlate(x, w, strides, dilation, groups, pairs):
     import jax
 
     return jax.lax.conv_general_dilated(
         x,
         w,
         window_strides=strides,
-        padding="VALID",
+        padding=pairs,
         rhs_dilation=dilation,
         dimension_numbers=_JAX_LAYOUTS[len(strides)],
         feature_group_count=groups,
@@ -141,10 +248,16 @@ def _jax_custom_gradient(forward, backward):
     return op
 
 
-def _torch_correlate(x, w, strides, dilation, groups):
+def _torch_correlate(x, w, strides, dilation, groups, pairs):
     import torch.nn.functional as F
 
     rank = len(strides)
+    padding = 0
+    if all(lo == hi for lo, hi in pairs):
+        # Symmetric padding the convolution adds as it reads.
+        padding = tuple(lo for lo, _ in pairs)
+    else:
+        x = _torch_pad(x, [(0, 0), *pairs, (0, 0)])
     channels_first = (0, rank + 1, *range(1, rank + 1))
     channels_last = (0, *range(2, rank + 2), 1)
     conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
@@ -152,6 +265,7 @@ def _torch_correlate(x, w, strides, dilation, groups):
         x.permute(channels_first),
         w.permute(rank + 1, rank, *range(rank)),
         stride=strides,
+        padding=padding,
         dilation=dilation,
         groups=groups,
     )

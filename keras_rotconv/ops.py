@@ -21,7 +21,10 @@ plain reading in the same rule:
 
 * strides ``s``: the forward pass only visits every ``s``-th position, so the
   delta is first put back at those positions with zeros between them
-  (``spread``) before the full convolution;
+  (``spread``) before the full convolution. The code computes the same sums
+  without multiplying by those zeros: split into its ``s`` phases (the
+  positions ``m·s + r``), a strided axis is a stride-1 axis per phase
+  (``input_delta_by_phases``, and the phase split in ``kernel_gradient``);
 * dilation ``d``: the kernel taps are ``d`` apart, so the rotated kernel is
   applied with the same dilation, and in the kernel gradient the delta is the
   sliding window while the input is sampled every ``d`` positions;
@@ -37,10 +40,14 @@ spatial axis (see ``padding_pairs``).
 The backward rules are themselves convolutions computed by ``conv``, so their
 own gradients (second-order derivatives, such as a gradient penalty) are again
 the derived ones. None of them calls a framework's convolution-gradient kernel.
+Where a choice changes only the cost (padding read by the convolution or
+written out, phases instead of inserted zeros), the rules take the cheaper
+one; benchmarks/benchmark.py measures the result against the built-in layers.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import keras
@@ -157,10 +164,17 @@ def input_delta(
     cropped back off (fewer zeros on each side), and input positions after
     the last window the stride reached (``rest`` below) get zeros, since no
     output depended on them.
+
+    A strided layer computes the same sums without the zeros ``spread``
+    inserts: see ``input_delta_by_phases``.
     """
+    if _splits_into_phases(strides, dilation):
+        return input_delta_by_phases(
+            delta, w, spatial_shape, strides, pairs, groups
+        )
     rank = len(strides)
     kernel_size = w.shape[:rank]
-    widths = [(0, 0)]
+    widths = []
     for axis in range(rank):
         span = effective_kernel_size(kernel_size[axis], dilation[axis])
         before, after = pairs[axis]
@@ -168,15 +182,118 @@ def input_delta(
         reached = (length - 1) * strides[axis] + span
         rest = spatial_shape[axis] + before + after - reached
         widths.append((span - 1 - before, span - 1 - after + rest))
-    widths.append((0, 0))
-    full = _pad(spread(delta, strides), widths)
+    spread_delta = spread(delta, strides)
+    return _full_convolution(spread_delta, w, widths, dilation, groups)
+
+
+def input_delta_by_phases(
+    delta,
+    w,
+    spatial_shape: Sequence[int],
+    strides: Sequence[int],
+    pairs: Pairs,
+    groups: int = 1,
+):
+    """``input_delta`` of a strided, undilated layer, one phase at a time,
+    without the zeros of ``spread``.
+
+    Split each axis of the padded input into its ``s`` phases, the positions
+    ``u = m·s + r``. Output ``p`` reads position ``u`` through tap ``k`` when
+    ``p·s + k = u``, so the taps that reach phase ``r`` are ``k = j·s + r``,
+    from the outputs ``p = m - j``::
+
+        delta_prev[m·s + r] = Σ_j delta[m - j] · w[j·s + r]
+
+    the full convolution of the delta with the rotated taps ``w[r::s]``: the
+    stride-1 rule, once per phase, on that phase's own taps. No product is
+    spent on an inserted zero, and no sum gains a term (a NaN delta times a
+    zero tap stays out of them). ``interleave`` puts the phases back in
+    place, and the forward padding is cropped off.
+
+    Every phase is computed over the same positions ``m`` in ``[lo, hi)``:
+    exactly those of the input when the padding is known as the graph is
+    built (then, with ``before`` and the input's end multiples of ``s``,
+    nothing is cropped), else ``[0, L + ceil(K / s))``, which reaches past
+    the padded input's end, so the phases stay static while the padding is
+    known only when the graph runs.
+    """
+    rank = len(strides)
+    kernel_size = w.shape[:rank]
+    lengths = ops.shape(delta)[1 : rank + 1]
+    ranges = []
+    for size, s, k, length, (before, _) in zip(
+        spatial_shape, strides, kernel_size, lengths, pairs
+    ):
+        if isinstance(before, int) and isinstance(size, int):
+            ranges.append((before // s, -(-(before + size) // s)))
+        else:
+            ranges.append((0, length + -(-k // s)))
+    phases = []
+    for phase in itertools.product(*(range(s) for s in strides)):
+        w_phase = w[(*(slice(r, None, s) for r, s in zip(phase, strides)),)]
+        taps = w_phase.shape[:rank]
+        if 0 in taps:
+            # No tap reaches this phase (a kernel shorter than its stride).
+            shape = (
+                ops.shape(delta)[0],
+                *(hi - lo for lo, hi in ranges),
+                groups * w.shape[-2],
+            )
+            phases.append(ops.zeros(shape, dtype=delta.dtype))
+            continue
+        # Output m of the full convolution (delta padded with t - 1 zeros)
+        # is m - (t - 1) + lo here.
+        widths = [
+            (t - 1 - lo, hi - length)
+            for t, (lo, hi), length in zip(taps, ranges, lengths)
+        ]
+        phases.append(
+            _full_convolution(delta, w_phase, widths, (1,) * rank, groups)
+        )
+    merged = interleave(phases, strides)
+    for axis in range(rank):
+        offset = pairs[axis][0] - ranges[axis][0] * strides[axis]
+        merged = _window(merged, axis + 1, offset, spatial_shape[axis])
+    return merged
+
+
+def _full_convolution(delta, w, widths, dilation, groups):
+    """``(delta * rot180(w))`` with ``widths`` zeros around the delta: the
+    convolution pads as it reads, and a negative width (forward padding
+    wider than the kernel's span: outputs that saw only zeros) crops."""
+    rank = len(dilation)
     return conv(
-        full,
+        _crop_negative(delta, widths),
         rot180(w, groups),
         strides=(1,) * rank,
         dilation=dilation,
+        pairs=[(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in widths],
         groups=groups,
     )
+
+
+def interleave(phases: Sequence, strides: Sequence[int]):
+    """Put phases back in place: ``phases`` lists, in ``itertools.product``
+    order of ``q``, the tensors ``(N, *M, C)`` holding positions
+    ``m·s + q``; the result is ``(N, *(M·s), C)``."""
+    merged = _backend.depth_to_space(phases, strides)
+    if merged is not None:
+        return merged
+    rank = len(strides)
+    n, *counts, c = ops.shape(phases[0])
+    stacked = ops.reshape(ops.stack(phases, axis=1), (n, *strides, *counts, c))
+    order = [0]
+    for axis in range(rank):
+        order += [1 + rank + axis, 1 + axis]
+    moved = ops.transpose(stacked, (*order, 2 * rank + 1))
+    return ops.reshape(moved, (n, *(m * s for m, s in zip(counts, strides)), c))
+
+
+def _splits_into_phases(strides, dilation) -> bool:
+    """Whether the phase split applies: a strided layer, undilated (Keras
+    refuses strides and dilation together; ``conv`` takes them and keeps
+    the textbook rule)."""
+    return any(s > 1 for s in strides) and all(d == 1 for d in dilation)
 
 
 def kernel_gradient(
@@ -199,21 +316,104 @@ def kernel_gradient(
     ``dilation`` positions, so the convolution runs with dilation ``stride``
     and stride ``dilation``. Groups pair each group's inputs with that
     group's deltas.
+
+    A strided, undilated axis is first split into its ``s`` phases, which
+    drops the dilation of the delta: tap ``k = j·s + r`` reads padded
+    position ``(p + j)·s + r``, which is position ``p + j`` of phase ``r``,
+    so every phase is a stride-1 correlation with the delta. The phases go
+    side by side into the rows (``_phase_rows``), one convolution computes
+    ``ceil(K / s)`` taps of each, and ``_taps_from_phases`` puts tap
+    ``(j, r)`` back at ``j·s + r``, dropping the few past the kernel's end.
     """
     x, delta = _at_least_one_sample(x, delta)
     rank = len(strides)
-    padded = _pad(x, [(0, 0), *pairs, (0, 0)])
+    phases, taps, widths = [], [], []
+    conv_strides, conv_dilation = [], []
     for axis in range(rank):
-        span = effective_kernel_size(kernel_size[axis], dilation[axis])
-        reached = (ops.shape(delta)[axis + 1] - 1) * strides[axis] + span
-        padded = _crop(padded, axis + 1, reached)
-    batch, *spatial, cin = ops.shape(padded)
-    by_group = ops.reshape(padded, (batch, *spatial, groups, cin // groups))
-    rows = ops.transpose(by_group, (rank + 2, *range(1, rank + 1), rank + 1, 0))
-    rows = ops.reshape(rows, (cin // groups, *spatial, groups * batch))
+        k, s, d = kernel_size[axis], strides[axis], dilation[axis]
+        length = ops.shape(delta)[axis + 1]
+        if s > 1 and d == 1:
+            phases.append(s)
+            taps.append(-(-k // s))
+            used = (length + taps[-1] - 1) * s
+            conv_strides.append(1)
+            conv_dilation.append(1)
+        else:
+            phases.append(1)
+            taps.append(k)
+            used = (length - 1) * s + effective_kernel_size(k, d)
+            conv_strides.append(d)
+            conv_dilation.append(s)
+        # Padded as the forward pass pads, up to the last position used:
+        # positions past it are cut off.
+        before = pairs[axis][0]
+        widths.append((before, used - before - ops.shape(x)[axis + 1]))
+    padded = _crop_negative(x, widths)
+    padded = _pad(
+        padded,
+        [(0, 0)]
+        + [(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in widths]
+        + [(0, 0)],
+    )
     window = ops.transpose(delta, (*range(1, rank + 1), 0, rank + 1))
-    grad = conv(rows, window, strides=dilation, dilation=strides, groups=groups)
-    return ops.transpose(grad, (*range(1, rank + 1), 0, rank + 1))
+    grad = conv(
+        _phase_rows(padded, phases, groups),
+        window,
+        strides=conv_strides,
+        dilation=conv_dilation,
+        groups=groups,
+    )
+    grad = _taps_from_phases(grad, phases, taps)
+    for axis in range(rank):
+        grad = _crop(grad, axis, kernel_size[axis])
+    return grad
+
+
+def _phase_rows(x, phases: Sequence[int], groups: int):
+    """The kernel gradient's rows: ``(N, *(M·phases), C)`` to
+    ``(∏phases · C/g, *M, g·N)``, phase ``r`` of position ``m`` being
+    position ``m·phases + r``; the phases and the input's channels become
+    the batch, its batch the channels, grouped as the kernel is."""
+    rank = len(phases)
+    n, *sizes, c = ops.shape(x)
+    counts = [size // s for size, s in zip(sizes, phases)]
+    split = ops.reshape(
+        x,
+        (
+            n,
+            *(v for m, s in zip(counts, phases) for v in (m, s)),
+            groups,
+            c // groups,
+        ),
+    )
+    # (N, M0, s0, M1, s1, ..., g, C/g) to (s0, s1, ..., C/g, M0, M1, ..., g, N)
+    order = (
+        *range(2, 2 * rank + 1, 2),
+        2 * rank + 2,
+        *range(1, 2 * rank, 2),
+        2 * rank + 1,
+        0,
+    )
+    rows = ops.transpose(split, order)
+    return ops.reshape(rows, (-1, *counts, groups * n))
+
+
+def _taps_from_phases(grad, phases: Sequence[int], taps: Sequence[int]):
+    """The kernel gradient's convolution result, ``(∏phases · C/g, *T,
+    C_out)``, as a kernel ``(*(T·phases), C/g, C_out)``: tap ``j`` of phase
+    ``r`` goes to ``j·phases + r``."""
+    rank = len(phases)
+    cout = grad.shape[-1]
+    split = ops.reshape(grad, (*phases, -1, *taps, cout))
+    # (s0, s1, ..., C/g, T0, T1, ..., C_out) to (T0, s0, T1, s1, ..., C/g,
+    # C_out)
+    order = []
+    for axis in range(rank):
+        order += [rank + 1 + axis, axis]
+    moved = ops.transpose(split, (*order, rank, 2 * rank + 1))
+    return ops.reshape(
+        moved, (*(t * s for t, s in zip(taps, phases)), -1, cout)
+    )
 
 
 def _at_least_one_sample(x, delta):
@@ -272,11 +472,9 @@ def conv(
     kernel_size = tuple(w.shape[:rank])
 
     def forward(x, w, *bias):
-        z = _backend.correlate(
-            _pad(x, [(0, 0), *pairs, (0, 0)]), w, strides, dilation, groups
-        )
+        z = _backend.correlate(x, w, strides, dilation, groups, pairs)
         if bias:
-            z = z + bias[0]
+            z = _backend.add_bias(z, bias[0])
         return z
 
     def backward(delta, x, w, *bias):
@@ -315,10 +513,28 @@ def _pad(x, widths):
     return _backend.pad(x, widths)
 
 
+def _crop_negative(x, widths):
+    """``x`` with ``-width`` entries cut from each spatial side whose padding
+    width is negative."""
+    for axis, (lo, hi) in enumerate(widths, start=1):
+        cut_lo, cut_hi = _at_least_zero(-lo), _at_least_zero(-hi)
+        if _is_zero(cut_lo) and _is_zero(cut_hi):
+            continue
+        index = [slice(None)] * len(x.shape)
+        index[axis] = slice(cut_lo, ops.shape(x)[axis] - cut_hi)
+        x = x[tuple(index)]
+    return x
+
+
 def _crop(x, axis, length):
     """Keep the first ``length`` entries of ``axis``."""
-    if isinstance(length, int) and x.shape[axis] == length:
+    return _window(x, axis, 0, length)
+
+
+def _window(x, axis, start, length):
+    """Keep the entries ``start`` to ``start + length`` of ``axis``."""
+    if _is_zero(start) and isinstance(length, int) and x.shape[axis] == length:
         return x
     index = [slice(None)] * len(x.shape)
-    index[axis] = slice(0, length)
+    index[axis] = slice(start, start + length)
     return x[tuple(index)]
