@@ -60,21 +60,19 @@ def add_bias(z, b):
     return z + b
 
 
-def depth_to_space(phases: Sequence, strides: Sequence[int]):
-    """``ops.interleave`` as TensorFlow's DepthToSpace, where it applies (2D,
-    equal strides); ``None`` elsewhere."""
-    if (
-        _BACKEND != "tensorflow"
-        or len(strides) != 2
-        or strides[0] != strides[1]
-    ):
-        return None
-    import tensorflow as tf
+def traced_by_torch_compile() -> bool:
+    """Whether ``torch.compile`` is tracing the code that calls this.
 
-    # DepthToSpace reads channel (r0·s + r1)·C + c of position (m0, m1) as
-    # channel c of position (m0·s + r0, m1·s + r1): the phases in product
-    # order, concatenated along the channels.
-    return tf.nn.depth_to_space(tf.concat(phases, axis=-1), strides[0])
+    Its tracer hands sizes over as symbolic ints that pass for Python ints
+    (``isinstance(size, int)`` holds), yet every comparison or division of
+    one makes it prove a fact about all sizes: the phase split's reshapes
+    then take minutes per layer to trace.
+    """
+    if _BACKEND != "torch":
+        return False
+    import torch
+
+    return torch.compiler.is_compiling()
 
 
 def _static(pairs) -> bool:

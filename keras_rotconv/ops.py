@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import keras
 from keras import ops
@@ -88,6 +89,9 @@ def padding_pairs(
             pairs.append((0, 0))
         elif padding == "causal":
             pairs.append((span - 1, 0))
+        elif padding == "same" and s == 1:
+            # Known without the size: the output keeps every position.
+            pairs.append(((span - 1) // 2, span - 1 - (span - 1) // 2))
         elif padding == "same":
             total = _at_least_zero((-(-size // s) - 1) * s + span - size)
             pairs.append((total // 2, total - total // 2))
@@ -178,11 +182,22 @@ def input_delta(
     for axis in range(rank):
         span = effective_kernel_size(kernel_size[axis], dilation[axis])
         before, after = pairs[axis]
-        length = ops.shape(delta)[axis + 1]
-        reached = (length - 1) * strides[axis] + span
-        rest = spatial_shape[axis] + before + after - reached
+        if strides[axis] == 1:
+            # Every window start is an output: the last window ends at the
+            # padded input's end, whether or not its size is known yet.
+            rest = 0
+        else:
+            length = ops.shape(delta)[axis + 1]
+            reached = (length - 1) * strides[axis] + span
+            rest = spatial_shape[axis] + before + after - reached
         widths.append((span - 1 - before, span - 1 - after + rest))
     spread_delta = spread(delta, strides)
+    if _traced_symbolically():
+        # Padded (or, where a width is negative, cropped) in one step: the
+        # torch.compile tracer proves slowly what the convolution's own
+        # padding needs to know about symbolic widths.
+        full = _pad(spread_delta, [(0, 0), *widths, (0, 0)])
+        return _full_convolution(full, w, [(0, 0)] * rank, dilation, groups)
     return _full_convolution(spread_delta, w, widths, dilation, groups)
 
 
@@ -272,28 +287,54 @@ def _full_convolution(delta, w, widths, dilation, groups):
     )
 
 
-def interleave(phases: Sequence, strides: Sequence[int]):
+def interleave(phases: list, strides: Sequence[int]):
     """Put phases back in place: ``phases`` lists, in ``itertools.product``
     order of ``q``, the tensors ``(N, *M, C)`` holding positions
-    ``m·s + q``; the result is ``(N, *(M·s), C)``."""
-    merged = _backend.depth_to_space(phases, strides)
-    if merged is not None:
-        return merged
+    ``m·s + q``; the result is ``(N, *(M·s), C)``.
+
+    One axis at a time, last first: each run of ``s`` consecutive phases
+    differs only in that axis's phase, and stacking them behind that axis
+    and merging the two axes interleaves them. The list is emptied as the
+    phases are merged, so that (in eager mode) each is freed once copied:
+    the phases and the result never all exist at once.
+    """
     rank = len(strides)
-    n, *counts, c = ops.shape(phases[0])
-    stacked = ops.reshape(ops.stack(phases, axis=1), (n, *strides, *counts, c))
-    order = [0]
-    for axis in range(rank):
-        order += [1 + rank + axis, 1 + axis]
-    moved = ops.transpose(stacked, (*order, 2 * rank + 1))
-    return ops.reshape(moved, (n, *(m * s for m, s in zip(counts, strides)), c))
+    for axis in reversed(range(rank)):
+        s = strides[axis]
+        merged = []
+        while phases:
+            run = phases[:s]
+            del phases[:s]
+            n, *sizes, c = ops.shape(run[0])
+            sizes[axis] = sizes[axis] * s
+            merged.append(
+                ops.reshape(ops.stack(run, axis=axis + 2), (n, *sizes, c))
+            )
+            del run
+        phases.extend(merged)
+        del merged
+    return phases.pop()
 
 
 def _splits_into_phases(strides, dilation) -> bool:
     """Whether the phase split applies: a strided layer, undilated (Keras
     refuses strides and dilation together; ``conv`` takes them and keeps
-    the textbook rule)."""
-    return any(s > 1 for s in strides) and all(d == 1 for d in dilation)
+    the textbook rule), and not traced by ``torch.compile`` (see
+    ``_traced_symbolically``)."""
+    return (
+        any(s > 1 for s in strides)
+        and all(d == 1 for d in dilation)
+        and not _traced_symbolically()
+    )
+
+
+def _traced_symbolically() -> bool:
+    """Whether sizes may be symbolic ints (``torch.compile``, see
+    ``_backend.traced_by_torch_compile``). The rules then take their
+    textbook form: zeros inserted for strides, one convolution for the
+    kernel gradient, padding written out; the tracer handles those fast.
+    """
+    return _backend.traced_by_torch_compile()
 
 
 def kernel_gradient(
@@ -320,34 +361,30 @@ def kernel_gradient(
     A strided, undilated axis is first split into its ``s`` phases, which
     drops the dilation of the delta: tap ``k = j·s + r`` reads padded
     position ``(p + j)·s + r``, which is position ``p + j`` of phase ``r``,
-    so every phase is a stride-1 correlation with the delta. The phases go
-    side by side into the rows (``_phase_rows``), one convolution computes
-    ``ceil(K / s)`` taps of each, and ``_taps_from_phases`` puts tap
-    ``(j, r)`` back at ``j·s + r``, dropping the few past the kernel's end.
+    so every phase is a stride-1 correlation with the delta, over its own
+    ``ceil((K - r) / s)`` taps: the same products as the strided rule, no
+    more. ``_phase_rows`` lays the phases side by side in the rows, each
+    phase's rows are correlated with the delta, and ``_taps_from_phases``
+    puts tap ``(j, r)`` back at ``j·s + r``.
     """
     x, delta = _at_least_one_sample(x, delta)
     rank = len(strides)
-    phases, taps, widths = [], [], []
-    conv_strides, conv_dilation = [], []
-    for axis in range(rank):
-        k, s, d = kernel_size[axis], strides[axis], dilation[axis]
-        length = ops.shape(delta)[axis + 1]
-        if s > 1 and d == 1:
-            phases.append(s)
-            taps.append(-(-k // s))
-            used = (length + taps[-1] - 1) * s
-            conv_strides.append(1)
-            conv_dilation.append(1)
-        else:
-            phases.append(1)
-            taps.append(k)
-            used = (length - 1) * s + effective_kernel_size(k, d)
-            conv_strides.append(d)
-            conv_dilation.append(s)
-        # Padded as the forward pass pads, up to the last position used:
-        # positions past it are cut off.
-        before = pairs[axis][0]
-        widths.append((before, used - before - ops.shape(x)[axis + 1]))
+    if _traced_symbolically():
+        return _kernel_gradient_one_convolution(
+            x, delta, kernel_size, strides, pairs, dilation, groups
+        )
+    axes = [
+        _kernel_gradient_axis(
+            ops.shape(x)[axis + 1],
+            ops.shape(delta)[axis + 1],
+            kernel_size[axis],
+            strides[axis],
+            dilation[axis],
+            pairs[axis][0],
+        )
+        for axis in range(rank)
+    ]
+    widths = [axis.x_widths for axis in axes]
     padded = _crop_negative(x, widths)
     padded = _pad(
         padded,
@@ -355,18 +392,136 @@ def kernel_gradient(
         + [(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in widths]
         + [(0, 0)],
     )
+    phases = [axis.phases for axis in axes]
+    taps = [axis.taps for axis in axes]
+    rows = _phase_rows(padded, phases, groups)
+    del padded  # in eager mode, freed here rather than on return
     window = ops.transpose(delta, (*range(1, rank + 1), 0, rank + 1))
-    grad = conv(
-        _phase_rows(padded, phases, groups),
-        window,
-        strides=conv_strides,
-        dilation=conv_dilation,
-        groups=groups,
-    )
-    grad = _taps_from_phases(grad, phases, taps)
+    per_phase = rows.shape[0] // _product(phases)
+    results = []
+    for index, phase in enumerate(itertools.product(*map(range, phases))):
+        counts = [
+            -(-(k - r) // s) for k, r, s in zip(kernel_size, phase, phases)
+        ]
+        if 0 in counts:
+            # A kernel shorter than its stride: no tap in this phase.
+            shape = (per_phase, *taps, window.shape[-1])
+            results.append(ops.zeros(shape, dtype=rows.dtype))
+            continue
+        reads = [axis.reads(count) for axis, count in zip(axes, counts)]
+        own = _crop_negative(
+            rows[index * per_phase : (index + 1) * per_phase], reads
+        )
+        grad = conv(
+            own,
+            window,
+            strides=[axis.conv_stride for axis in axes],
+            dilation=[axis.conv_dilation for axis in axes],
+            pairs=[
+                (_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in reads
+            ],
+            groups=groups,
+        )
+        # The phase's taps, zero-padded to ``taps`` so that phases stack.
+        results.append(
+            _pad(
+                grad,
+                [(0, 0)]
+                + [(0, t - count) for t, count in zip(taps, counts)]
+                + [(0, 0)],
+            )
+        )
+    del rows
+    if len(results) == 1:
+        # (C/g, *K, C_out) to (*K, C/g, C_out)
+        grad = ops.transpose(results[0], (*range(1, rank + 1), 0, rank + 1))
+    else:
+        grad = _taps_from_phases(ops.concatenate(results, axis=0), phases, taps)
     for axis in range(rank):
         grad = _crop(grad, axis, kernel_size[axis])
     return grad
+
+
+def _kernel_gradient_one_convolution(
+    x, delta, kernel_size, strides, pairs, dilation, groups
+):
+    """``kernel_gradient`` as one convolution, without phases, with the
+    input padded by a copy: the form the torch.compile tracer handles fast
+    when sizes are symbolic."""
+    rank = len(strides)
+    padded = _pad(x, [(0, 0), *pairs, (0, 0)])
+    for axis in range(rank):
+        span = effective_kernel_size(kernel_size[axis], dilation[axis])
+        reached = (ops.shape(delta)[axis + 1] - 1) * strides[axis] + span
+        padded = _crop(padded, axis + 1, reached)
+    rows = _phase_rows(padded, (1,) * rank, groups)
+    window = ops.transpose(delta, (*range(1, rank + 1), 0, rank + 1))
+    grad = conv(rows, window, strides=dilation, dilation=strides, groups=groups)
+    return ops.transpose(grad, (*range(1, rank + 1), 0, rank + 1))
+
+
+class _KernelGradientAxis(NamedTuple):
+    """How ``kernel_gradient`` reads one spatial axis of the input.
+
+    ``phases``: how many phases the axis is split into (its stride, or 1);
+    ``taps``: taps per phase (the most any phase has); ``conv_stride`` and
+    ``conv_dilation``: the convolution's on this axis; ``x_widths``: the
+    zeros added to the input before it is split (the forward padding, where
+    the convolution does not add it as it reads); ``reads(count)``.
+    """
+
+    phases: int
+    taps: int
+    conv_stride: int
+    conv_dilation: int
+    x_widths: tuple
+    read_before: object
+    read_after: object
+
+    def reads(self, count):
+        """The ``(before, after)`` zeros the convolution adds to a phase's
+        rows to compute ``count`` taps; a negative ``after`` cuts positions
+        off instead."""
+        return self.read_before, self.read_after + count
+
+
+def _kernel_gradient_axis(size, length, k, s, d, before):
+    """The ``_KernelGradientAxis`` of an axis of ``size`` input positions and
+    ``length`` delta positions, kernel ``k``, stride ``s``, dilation ``d``,
+    ``before`` zeros of forward padding. The padded input is used up to the
+    last position a tap reads; positions past it are cut off."""
+    if s == 1 or d > 1:
+        # One phase: the delta taps are s apart and the result is sampled
+        # every d, all k taps at once.
+        used = (length - 1) * s + effective_kernel_size(k, d)
+        return _KernelGradientAxis(
+            1, k, d, s, (0, 0), before, used - before - size - k
+        )
+    taps = -(-k // s)
+    if (
+        isinstance(size, int)
+        and isinstance(before, int)
+        and size % s == 0
+        and before % s == 0
+    ):
+        # Phase r of the padded input is phase r of the input, shifted by
+        # before / s: the convolution pads each phase as it reads.
+        shift = before // s
+        return _KernelGradientAxis(
+            s, taps, 1, 1, (0, 0), shift, length - 1 - shift - size // s
+        )
+    # Otherwise the input is padded, as far as the phases reach, and split.
+    used = (length + taps - 1) * s
+    return _KernelGradientAxis(
+        s, taps, 1, 1, (before, used - before - size), 0, -taps
+    )
+
+
+def _product(values):
+    result = 1
+    for value in values:
+        result *= value
+    return result
 
 
 def _phase_rows(x, phases: Sequence[int], groups: int):
@@ -376,6 +531,13 @@ def _phase_rows(x, phases: Sequence[int], groups: int):
     the batch, its batch the channels, grouped as the kernel is."""
     rank = len(phases)
     n, *sizes, c = ops.shape(x)
+    if all(s == 1 for s in phases):
+        # No phases: the channels to the front, the batch to the back.
+        by_group = ops.reshape(x, (n, *sizes, groups, c // groups))
+        rows = ops.transpose(
+            by_group, (rank + 2, *range(1, rank + 1), rank + 1, 0)
+        )
+        return ops.reshape(rows, (c // groups, *sizes, groups * n))
     counts = [size // s for size, s in zip(sizes, phases)]
     split = ops.reshape(
         x,
@@ -395,7 +557,9 @@ def _phase_rows(x, phases: Sequence[int], groups: int):
         0,
     )
     rows = ops.transpose(split, order)
-    return ops.reshape(rows, (-1, *counts, groups * n))
+    return ops.reshape(
+        rows, (_product(phases) * (c // groups), *counts, groups * n)
+    )
 
 
 def _taps_from_phases(grad, phases: Sequence[int], taps: Sequence[int]):
@@ -478,17 +642,16 @@ def conv(
         return z
 
     def backward(delta, x, w, *bias):
-        grads = (
-            input_delta(
-                delta, w, spatial_shape, strides, pairs, dilation, groups
-            ),
-            kernel_gradient(
-                x, delta, kernel_size, strides, pairs, dilation, groups
-            ),
+        # The kernel gradient first: in eager mode the input delta (as large
+        # as the input) then does not exist while the kernel gradient's own
+        # temporaries do.
+        dw = kernel_gradient(
+            x, delta, kernel_size, strides, pairs, dilation, groups
         )
-        if bias:
-            grads += (bias_gradient(delta),)
-        return grads
+        dx = input_delta(
+            delta, w, spatial_shape, strides, pairs, dilation, groups
+        )
+        return (dx, dw, bias_gradient(delta)) if bias else (dx, dw)
 
     args = (x, w) if b is None else (x, w, b)
     return _backend.custom_gradient(forward, backward)(*args)

@@ -15,6 +15,7 @@ dilated (which keeps the zero insertion), is checked against
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import keras
@@ -219,21 +220,25 @@ def test_strided_and_dilated_axis_matches_reference(padding, groups):
     )
 
 
-def test_interleave_puts_every_phase_back():
-    """``interleave`` moves entry ``m`` of phase ``(r0, r1)`` to position
-    ``(m0·s0 + r0, m1·s1 + r1)``, for equal strides (TensorFlow's
-    DepthToSpace) and unequal ones (the generic reshape)."""
+@pytest.mark.parametrize(
+    "strides", [(2,), (3,), (2, 2), (3, 2), (1, 3), (2, 1, 3)]
+)
+def test_interleave_puts_every_phase_back(strides):
+    """``interleave`` moves entry ``m`` of phase ``r`` to position
+    ``m·s + r`` on every axis, for equal and unequal strides, in 1, 2 and 3
+    dimensions, and consumes the list it is given."""
     rng = np.random.default_rng(4)
-    for strides in [(2, 2), (3, 2), (1, 3)]:
-        x = rng.standard_normal((2, 3 * strides[0], 2 * strides[1], 5))
-        phases = [
-            tf.constant(x[:, r0 :: strides[0], r1 :: strides[1]])
-            for r0 in range(strides[0])
-            for r1 in range(strides[1])
-        ]
-        np.testing.assert_array_equal(
-            np.asarray(ops.interleave(phases, strides)), x
+    x = rng.standard_normal((2, *(3 * s for s in strides), 5))
+    phases = [
+        tf.constant(
+            x[(slice(None), *(slice(r, None, s) for r, s in zip(q, strides)))]
         )
+        for q in itertools.product(*map(range, strides))
+    ]
+    np.testing.assert_array_equal(
+        np.asarray(ops.interleave(phases, strides)), x
+    )
+    assert phases == []
 
 
 @pytest.mark.parametrize("groups", [1, 2])
