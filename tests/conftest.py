@@ -194,7 +194,8 @@ def _torch_gradients(layer, x, upstream):
 
     x = torch.tensor(x, requires_grad=True)
     y = layer(x)
-    (y * torch.as_tensor(upstream)).sum().backward()
+    # On a GPU the layer computes on the device it placed its weights on.
+    (y * torch.as_tensor(upstream, device=y.device)).sum().backward()
     variables = layer.trainable_variables
     return _as_numpy(y, x.grad, variables, [v.value.grad for v in variables])
 
@@ -249,7 +250,8 @@ def _torch_penalty_gradients(layer, x, upstream):
     import torch
 
     x = torch.tensor(x, requires_grad=True)
-    loss = (layer(x) * torch.as_tensor(upstream)).sum()
+    y = layer(x)
+    loss = (y * torch.as_tensor(upstream, device=y.device)).sum()
     (dx,) = torch.autograd.grad(loss, x, create_graph=True)
     (dx**2).sum().backward()
     return {v.name: to_numpy(v.value.grad) for v in layer.trainable_variables}

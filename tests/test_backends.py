@@ -270,7 +270,7 @@ def test_torch_compile_traces_the_layer_whole(rank):
 
     rot, _ = _twins(rank)
     x, upstream = _inputs(rank, rot)
-    upstream = torch.tensor(upstream)
+    upstream = torch.tensor(upstream, device=rot.kernel.value.device)
 
     def loss(x):
         return (rot(x) * upstream).sum()
