@@ -66,13 +66,15 @@ def _add_verify(commands) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     import keras
-    import tensorflow as tf
 
     from keras_rotconv import verify
 
-    # Keras compiles its grouped convolution anew for every layer of the
-    # grid, and TensorFlow warns about each retracing.
-    tf.get_logger().setLevel("ERROR")
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # Keras compiles its grouped convolution anew for every layer of
+        # the grid, and TensorFlow warns about each retracing.
+        tf.get_logger().setLevel("ERROR")
     if keras.backend.backend() == "jax":
         import jax
 

@@ -10,6 +10,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -192,3 +193,48 @@ def test_the_console_script_is_the_cli_main():
     assert entry, "pyproject.toml declares no keras-rotconv script"
     module, _, name = entry.group(1).partition(":")
     assert getattr(importlib.import_module(module), name) is cli.main
+
+
+def _tf32_allowed() -> bool:
+    """Whether the current backend may round float32 products to TF32."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.experimental.tensor_float_32_execution_enabled()
+    if backend == "jax":
+        import jax
+
+        return jax.config.jax_default_matmul_precision != "highest"
+    import torch
+
+    return (
+        torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+    )
+
+
+def test_verify_compares_without_tf32_and_restores_the_setting(monkeypatch):
+    """On a GPU, TF32 made the built-in Conv2D's float32 dx 3.1e-4 off (an
+    H100 under torch's defaults); verify checks the arithmetic, so it turns
+    TF32 off while it differentiates, and turns it back on after."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(True)
+    assert _tf32_allowed()
+    seen = []
+    differentiate = verify._value_and_gradients
+
+    def recording(*args):
+        seen.append(_tf32_allowed())
+        return differentiate(*args)
+
+    monkeypatch.setattr(verify, "_value_and_gradients", recording)
+    assert not verify.check(verify.Case()).failed()
+    assert seen == [False, False]
+    assert _tf32_allowed()
