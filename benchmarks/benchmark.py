@@ -361,12 +361,32 @@ def machine() -> dict:
     versions[backend] = __import__(module[backend]).__version__
     return {
         "cpu": cpu,
+        "accelerator": accelerator(backend),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "backend": backend,
         "versions": versions,
     }
+
+
+def accelerator(backend: str) -> str | None:
+    """The GPU the backend computes on, or None on the CPU."""
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return None if device.platform == "cpu" else device.device_kind
+    if backend == "torch":
+        import torch
+
+        return (
+            torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        )
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return gpus[0].name if gpus else None
 
 
 def plot(results, path, title):
@@ -550,7 +570,7 @@ def main(argv=None) -> int:
         results,
         os.path.join(args.out, stem + ".png"),
         f"RotConv / built-in Keras layer, {backend} on "
-        f"{report['machine']['cpu']}",
+        f"{report['machine']['accelerator'] or report['machine']['cpu']}",
     )
     return 0
 
