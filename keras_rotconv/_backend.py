@@ -49,6 +49,20 @@ def correlate(
     )
 
 
+def runs_groups_apart(w_shape, strides, dilation, groups) -> bool:
+    """Whether ``correlate`` computes a grouped convolution with kernel
+    shape ``w_shape`` as one convolution per group (TensorFlow, outside its
+    depthwise op), splitting the channels of ``x`` and ``w`` into copies. A
+    caller that can lay out each group's operands contiguously in the
+    leading axis, where a slice is a view, can call it per group instead and
+    save those copies."""
+    return (
+        _BACKEND == "tensorflow"
+        and groups > 1
+        and not _tf_depthwise(w_shape, strides, dilation, groups)
+    )
+
+
 def add_bias(z, b):
     """``z + b``, ``b`` added along the last (channel) axis."""
     if _BACKEND == "tensorflow":
@@ -129,7 +143,7 @@ def _tf_correlate(x, w, strides, dilation, groups, pairs):
         padding = "VALID"
     elif padding == "EXPLICIT":
         padding = [(0, 0), *pairs, (0, 0)]
-    if _tf_depthwise(w, strides, dilation, groups):
+    if _tf_depthwise(w.shape, strides, dilation, groups):
         # One input channel per group: TensorFlow's depthwise convolution
         # runs all groups as one op.
         *kernel, _, cout = w.shape
@@ -165,14 +179,14 @@ def _tf_correlate(x, w, strides, dilation, groups, pairs):
     )
 
 
-def _tf_depthwise(w, strides, dilation, groups) -> bool:
+def _tf_depthwise(w_shape, strides, dilation, groups) -> bool:
     """Whether TensorFlow's depthwise convolution computes this grouped one:
     2D, one input channel per group, equal strides, and no stride and
     dilation together (the op's own limits)."""
     return (
         groups > 1
         and len(strides) == 2
-        and w.shape[-2] == 1
+        and w_shape[-2] == 1
         and strides[0] == strides[1]
         and (all(s == 1 for s in strides) or all(d == 1 for d in dilation))
     )
