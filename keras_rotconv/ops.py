@@ -39,10 +39,13 @@ spatial axis (see ``padding_pairs``).
 
 The backward rules are themselves convolutions computed by ``conv``, so their
 own gradients (second-order derivatives, such as a gradient penalty) are again
-the derived ones. None of them calls a framework's convolution-gradient kernel.
-Where a choice changes only the cost (padding read by the convolution or
-written out, phases instead of inserted zeros), the rules take the cheaper
-one; benchmarks/benchmark.py measures the result against the built-in layers.
+the derived ones. (One exception: the kernel gradient of a 1x1 kernel at
+stride 1, a correlation with a single tap, is computed as the matrix product
+it is, and differentiated as one.) None of them calls a framework's
+convolution-gradient kernel. Where a choice changes only the cost (padding
+read by the convolution or written out, phases instead of inserted zeros),
+the rules take the cheaper one; benchmarks/benchmark.py measures the result
+against the built-in layers.
 """
 
 from __future__ import annotations
@@ -370,6 +373,12 @@ def kernel_gradient(
     """
     x, delta = _at_least_one_sample(x, delta)
     rank = len(strides)
+    if (
+        all(k == 1 for k in kernel_size)
+        and all(s == 1 for s in strides)
+        and all(_is_zero(v) for pair in pairs for v in pair)
+    ):
+        return _kernel_gradient_pointwise(x, delta, groups)
     if _traced_symbolically():
         return _kernel_gradient_one_convolution(
             x, delta, kernel_size, strides, pairs, dilation, groups
@@ -474,6 +483,28 @@ def kernel_gradient(
     for axis in range(rank):
         grad = _crop(grad, axis, kernel_size[axis])
     return grad
+
+
+def _kernel_gradient_pointwise(x, delta, groups):
+    """``kernel_gradient`` of a 1x1 kernel at stride 1: its one tap's window
+    is the whole input, so ``dC/dw[0, i, o] = Σ_{n, p} a_prev[n, p, i] ·
+    delta[n, p, o]`` is one matrix product over the positions ``(n, p)``
+    (per group), with no layout change of either operand."""
+    rank = len(x.shape) - 2
+    cin, cout = x.shape[-1], delta.shape[-1]
+    if groups == 1:
+        grad = ops.einsum(
+            "mi,mo->io",
+            ops.reshape(x, (-1, cin)),
+            ops.reshape(delta, (-1, cout)),
+        )
+    else:
+        grad = ops.einsum(
+            "mgi,mgo->igo",
+            ops.reshape(x, (-1, groups, cin // groups)),
+            ops.reshape(delta, (-1, groups, cout // groups)),
+        )
+    return ops.reshape(grad, (*(1,) * rank, cin // groups, cout))
 
 
 def _kernel_gradient_one_convolution(
