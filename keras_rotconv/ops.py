@@ -592,9 +592,7 @@ def _phase_rows(x, phases: Sequence[int], groups: int, blocks: int = 1):
     ``(g · ∏phases · C/g, *M, N)``, each group's rows one block."""
     rank = len(phases)
     n, *sizes, c = ops.shape(x)
-    if blocks > 1:
-        return _phase_rows_by_group(x, phases, groups)
-    if all(s == 1 for s in phases):
+    if blocks == 1 and all(s == 1 for s in phases):
         # No phases: the channels to the front, the batch to the back.
         by_group = ops.reshape(x, (n, *sizes, groups, c // groups))
         rows = ops.transpose(
@@ -611,47 +609,20 @@ def _phase_rows(x, phases: Sequence[int], groups: int, blocks: int = 1):
             c // groups,
         ),
     )
-    # (N, M0, s0, M1, s1, ..., g, C/g) to (s0, s1, ..., C/g, M0, M1, ..., g, N)
-    order = (
-        *range(2, 2 * rank + 1, 2),
-        2 * rank + 2,
-        *range(1, 2 * rank, 2),
-        2 * rank + 1,
-        0,
-    )
-    rows = ops.transpose(split, order)
-    return ops.reshape(
-        rows, (math.prod(phases) * (c // groups), *counts, groups * n)
-    )
-
-
-def _phase_rows_by_group(x, phases: Sequence[int], groups: int):
-    """``_phase_rows`` with ``blocks = groups``."""
-    rank = len(phases)
-    n, *sizes, c = ops.shape(x)
-    counts = [size // s for size, s in zip(sizes, phases)]
-    split = ops.reshape(
-        x,
-        (
-            n,
-            *(v for m, s in zip(counts, phases) for v in (m, s)),
-            groups,
-            c // groups,
-        ),
-    )
-    # (N, M0, s0, M1, s1, ..., g, C/g) to (g, s0, s1, ..., C/g, M0, M1, ...,
-    # N)
-    order = (
-        2 * rank + 1,
-        *range(2, 2 * rank + 1, 2),
-        2 * rank + 2,
-        *range(1, 2 * rank, 2),
-        0,
-    )
-    rows = ops.transpose(split, order)
-    return ops.reshape(
-        rows, (groups * math.prod(phases) * (c // groups), *counts, n)
-    )
+    phase_axes = range(2, 2 * rank + 1, 2)
+    position_axes = range(1, 2 * rank, 2)
+    group_axis, channel_axis = 2 * rank + 1, 2 * rank + 2
+    rows_per_block = math.prod(phases) * (c // groups)
+    if blocks == 1:
+        # (N, M0, s0, M1, s1, ..., g, C/g) to
+        # (s0, s1, ..., C/g, M0, M1, ..., g, N)
+        order = (*phase_axes, channel_axis, *position_axes, group_axis, 0)
+        shape = (rows_per_block, *counts, groups * n)
+    else:
+        # ... to (g, s0, s1, ..., C/g, M0, M1, ..., N)
+        order = (group_axis, *phase_axes, channel_axis, *position_axes, 0)
+        shape = (groups * rows_per_block, *counts, n)
+    return ops.reshape(ops.transpose(split, order), shape)
 
 
 def _delta_window(delta, blocks: int):
