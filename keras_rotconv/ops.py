@@ -424,34 +424,17 @@ def kernel_gradient(
     window = _delta_window(delta, blocks)
     per_phase = rows.shape[0] // (blocks * math.prod(phases))
     per_block = rows.shape[0] // blocks
-
-    def correlate_phase(rows, start, reads):
-        """The phase whose rows begin at ``start`` (in each block of
-        ``rows``), correlated with the delta."""
-
-        def one(block, window, groups):
-            own = _crop_negative(block[start : start + per_phase], reads)
-            return conv(
-                own,
-                window,
-                strides=strides_here,
-                dilation=dilation_here,
-                pairs=[
-                    (_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in reads
-                ],
-                groups=groups,
-            )
-
-        if not apart:
-            return one(rows, window, groups)
-        # Leading-axis slices: views of the block, not copies.
-        return ops.concatenate(
-            [
-                one(rows[j * per_block : (j + 1) * per_block], window[j], 1)
-                for j in range(blocks)
-            ],
-            axis=-1,
-        )
+    # (rows, window, groups) of each convolution a phase takes: one grouped
+    # convolution, or one per group on leading-axis slices (views).
+    operands = (
+        [
+            (rows[j * per_block : (j + 1) * per_block], window[j], 1)
+            for j in range(blocks)
+        ]
+        if apart
+        else [(rows, window, groups)]
+    )
+    del rows, window
 
     results = []
     for index, phase in enumerate(itertools.product(*map(range, phases))):
@@ -461,10 +444,24 @@ def kernel_gradient(
         if 0 in counts:
             # A kernel shorter than its stride: no tap in this phase.
             shape = (per_phase, *taps, cout)
-            results.append(ops.zeros(shape, dtype=rows.dtype))
+            results.append(ops.zeros(shape, dtype=x.dtype))
             continue
         reads = [axis.reads(count) for axis, count in zip(axes, counts)]
-        grad = correlate_phase(rows, index * per_phase, reads)
+        start = index * per_phase
+        grads = [
+            conv(
+                _crop_negative(block[start : start + per_phase], reads),
+                block_window,
+                strides=strides_here,
+                dilation=dilation_here,
+                pairs=[
+                    (_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in reads
+                ],
+                groups=block_groups,
+            )
+            for block, block_window, block_groups in operands
+        ]
+        grad = grads[0] if len(grads) == 1 else ops.concatenate(grads, axis=-1)
         # The phase's taps, zero-padded to ``taps`` so that phases stack.
         results.append(
             _pad(
@@ -474,7 +471,7 @@ def kernel_gradient(
                 + [(0, 0)],
             )
         )
-    del rows
+    del operands
     if len(results) == 1:
         # (C/g, *K, C_out) to (*K, C/g, C_out)
         grad = ops.transpose(results[0], (*range(1, rank + 1), 0, rank + 1))
@@ -520,7 +517,7 @@ def _kernel_gradient_one_convolution(
         reached = (ops.shape(delta)[axis + 1] - 1) * strides[axis] + span
         padded = _crop(padded, axis + 1, reached)
     rows = _phase_rows(padded, (1,) * rank, groups)
-    window = ops.transpose(delta, (*range(1, rank + 1), 0, rank + 1))
+    window = _delta_window(delta, 1)
     grad = conv(rows, window, strides=dilation, dilation=strides, groups=groups)
     return ops.transpose(grad, (*range(1, rank + 1), 0, rank + 1))
 
