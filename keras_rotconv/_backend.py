@@ -126,6 +126,32 @@ def custom_gradient(forward: Callable, backward: Callable) -> Callable:
     return _CUSTOM_GRADIENT[_BACKEND](forward, backward)
 
 
+def after(x, *earlier):
+    """``x``, in a TensorFlow graph read only once ``earlier`` are computed
+    (elsewhere ``x``: eager code runs in the order it is written, and XLA
+    schedules on its own).
+
+    A TensorFlow graph runs every op as soon as its inputs exist, so a
+    backward rule's work on the layer's input alone would run during the
+    forward pass, and two rules' temporaries would live at once; this
+    orders them as eager mode would."""
+    if _BACKEND != "tensorflow":
+        return x
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return x
+    with tf.control_dependencies(earlier):
+        return tf.identity(x)
+
+
+def pads_by_copy(rank: int) -> bool:
+    """Whether ``correlate`` on ``rank`` spatial axes writes out a padded
+    copy of ``x`` for padding TensorFlow's ``"SAME"`` rule does not cover
+    (TensorFlow's 1D and 3D convolutions take no explicit padding)."""
+    return _BACKEND == "tensorflow" and rank != 2
+
+
 def pad(x, widths: Sequence[tuple[int, int]]):
     """``x`` with ``widths[axis] = (before, after)`` zeros added to each
     axis."""

@@ -372,6 +372,7 @@ def kernel_gradient(
     puts tap ``(j, r)`` back at ``j·s + r``.
     """
     x, delta = _at_least_one_sample(x, delta)
+    delta = _at_least_one_position(delta)
     rank = len(strides)
     if (
         all(k == 1 for k in kernel_size)
@@ -410,9 +411,9 @@ def kernel_gradient(
     # split each group into copies: every group's rows and deltas are laid
     # out as a contiguous block instead (measured, TensorFlow CPU graph,
     # 3x3 depthwise 64 channels 32x32 batch 16: train-step peak 20.5 ->
-    # 16.4 MiB). With a few wide groups (groups 4) the blocks cost more: the
-    # graph runs the kernel gradient beside the input delta, and the blocks
-    # stay alive through every group's convolution (17.4 -> 20.5 MiB).
+    # 16.4 MiB). With a few wide groups (groups 4) the blocks saved nothing
+    # (16.1 MiB either way, once the input delta waits for the kernel
+    # gradient) and no time.
     # (The window's shape is (*L, N, C_out); static, N may be None.)
     batch, *lengths, cout = delta.shape
     apart = x.shape[-1] == groups and _backend.runs_groups_apart(
@@ -421,6 +422,24 @@ def kernel_gradient(
     blocks = groups if apart else 1
     rows = _phase_rows(padded, phases, groups, blocks)
     del padded  # in eager mode, freed here rather than on return
+    if math.prod(phases) == 1 and _backend.pads_by_copy(rank):
+        # The convolution would pad the rows by a copy, which a TensorFlow
+        # graph makes as soon as the input exists, during the forward pass,
+        # and keeps beside the window. Padded here once the delta exists,
+        # and the window laid out after it (measured, 3D 3x3x3 16 channels
+        # 16^3 batch 4: train-step peak 4.51 -> 4.09 MiB).
+        reads = [axis.reads(k) for axis, k in zip(axes, kernel_size)]
+        rows = _pad(
+            _crop_negative(_backend.after(rows, delta), reads),
+            [(0, 0)]
+            + [(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in reads]
+            + [(0, 0)],
+        )
+        axes = [
+            axis._replace(read_before=0, read_after=-k)
+            for axis, k in zip(axes, kernel_size)
+        ]
+        delta = _backend.after(delta, rows)
     window = _delta_window(delta, blocks)
     per_phase = rows.shape[0] // (blocks * math.prod(phases))
     per_block = rows.shape[0] // blocks
@@ -670,6 +689,25 @@ def _at_least_one_sample(x, delta):
     return _pad(x, widths), _pad(delta, widths)
 
 
+def _at_least_one_position(delta):
+    """``delta`` with one zero position added at the end of every spatial
+    axis that is empty.
+
+    The kernel gradient of an empty output is again a sum of no terms; but
+    the delta is the convolution's filter, and no backend convolves with an
+    empty filter. The added position reads input positions past the end,
+    which the kernel gradient pads with zeros as for any delta; and it adds
+    nothing. An output can only be empty where the layer could not check the
+    sizes (they are known only when a graph runs), so the widths are
+    computed, as in ``_at_least_one_sample``.
+    """
+    lengths = ops.shape(delta)[1:-1]
+    if all(isinstance(length, int) and length > 0 for length in lengths):
+        return delta
+    widths = [(0, _at_least_zero(1 - length)) for length in lengths]
+    return _pad(delta, [(0, 0), *widths, (0, 0)])
+
+
 def bias_gradient(delta):
     """``dC/db = Σ delta`` over the batch and every spatial position.
 
@@ -720,8 +758,15 @@ def conv(
         dw = kernel_gradient(
             x, delta, kernel_size, strides, pairs, dilation, groups
         )
+        # (In a TensorFlow graph, too: it would otherwise run both at once.)
         dx = input_delta(
-            delta, w, spatial_shape, strides, pairs, dilation, groups
+            _backend.after(delta, dw),
+            w,
+            spatial_shape,
+            strides,
+            pairs,
+            dilation,
+            groups,
         )
         return (dx, dw, bias_gradient(delta)) if bias else (dx, dw)
 
