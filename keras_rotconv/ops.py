@@ -39,13 +39,14 @@ spatial axis (see ``padding_pairs``).
 
 The backward rules are themselves convolutions computed by ``conv``, so their
 own gradients (second-order derivatives, such as a gradient penalty) are again
-the derived ones. (One exception: the kernel gradient of a 1x1 kernel at
-stride 1, a correlation with a single tap, is computed as the matrix product
-it is, and differentiated as one.) None of them calls a framework's
-convolution-gradient kernel. Where a choice changes only the cost (padding
-read by the convolution or written out, phases instead of inserted zeros),
-the rules take the cheaper one; benchmarks/benchmark.py measures the result
-against the built-in layers.
+the derived ones. (Two exceptions, where the correlation is computed as the
+sums it is and differentiated as such: the kernel gradient of a 1x1 kernel
+at stride 1, one matrix product; and on JAX and torch that of a depthwise
+kernel at stride 1, one sum of products per tap.) None of them calls a
+framework's convolution-gradient kernel. Where a choice changes only the
+cost (padding read by the convolution or written out, phases instead of
+inserted zeros), the rules take the cheaper one; benchmarks/benchmark.py
+measures the result against the built-in layers.
 """
 
 from __future__ import annotations
@@ -380,6 +381,16 @@ def kernel_gradient(
         and all(_is_zero(v) for pair in pairs for v in pair)
     ):
         return _kernel_gradient_pointwise(x, delta, groups)
+    if (
+        groups > 1
+        and x.shape[-1] == groups
+        and all(s == 1 for s in strides)
+        and _backend.sums_depthwise_taps()
+        and not _traced_symbolically()
+    ):
+        return _kernel_gradient_depthwise(
+            x, delta, kernel_size, pairs, dilation
+        )
     if _traced_symbolically():
         return _kernel_gradient_one_convolution(
             x, delta, kernel_size, strides, pairs, dilation, groups
@@ -441,6 +452,8 @@ def kernel_gradient(
         ]
         delta = _backend.after(delta, rows)
     window = _delta_window(delta, blocks)
+    if math.prod(phases) > 1:
+        window = _backend.shared_filter(window)
     per_phase = rows.shape[0] // (blocks * math.prod(phases))
     per_block = rows.shape[0] // blocks
     # (rows, window, groups) of each convolution a phase takes: one grouped
@@ -499,6 +512,44 @@ def kernel_gradient(
     for axis in range(rank):
         grad = _crop(grad, axis, kernel_size[axis])
     return grad
+
+
+def _kernel_gradient_depthwise(x, delta, kernel_size, pairs, dilation):
+    """``kernel_gradient`` of a depthwise kernel (one input channel per
+    group, ``m`` filters each) at stride 1: each group's correlation has a
+    single input channel, so tap ``k``'s gradient is ``dC/dw[k, 0, c·m + j]
+    = Σ_{n, p} a_prev[n, p + k·dilation, c] · delta[n, p, c·m + j]``, the
+    products of one window of the padded input with the delta, summed. As a
+    convolution it would be a grouped one with the delta as a filter as
+    large as the image (see ``_backend.sums_depthwise_taps``). (JAX and
+    torch sum float16 and bfloat16 in float32; a test checks it.)
+    """
+    rank = len(kernel_size)
+    n, *lengths, cout = ops.shape(delta)
+    cin = x.shape[-1]
+    padded = _pad(x, [(0, 0), *pairs, (0, 0)])
+    multiplier = cout // cin
+    if multiplier > 1:
+        # (N, *L, C, m): each input channel's m deltas.
+        delta = ops.reshape(delta, (n, *lengths, cin, multiplier))
+    axes = tuple(range(rank + 1))
+    taps = []
+    for tap in itertools.product(*map(range, kernel_size)):
+        # One slice for all axes: a backend may copy each slice it takes.
+        window = padded[
+            (
+                slice(None),
+                *(
+                    slice(k * d, k * d + length)
+                    for k, d, length in zip(tap, dilation, lengths)
+                ),
+            )
+        ]
+        if multiplier > 1:
+            window = ops.expand_dims(window, -1)
+        products = window * delta
+        taps.append(ops.sum(products, axis=axes))
+    return ops.reshape(ops.stack(taps), (*kernel_size, 1, cout))
 
 
 def _kernel_gradient_pointwise(x, delta, groups):
@@ -751,24 +802,34 @@ def conv(
             z = _backend.add_bias(z, bias[0])
         return z
 
-    def backward(delta, x, w, *bias):
+    def backward(delta, x, w, *bias, needed):
+        # Only the gradients something reads (see _backend.custom_gradient):
+        # a first layer needs no input delta.
+        dx = dw = db = None
         # The kernel gradient first: in eager mode the input delta (as large
         # as the input) then does not exist while the kernel gradient's own
         # temporaries do.
-        dw = kernel_gradient(
-            x, delta, kernel_size, strides, pairs, dilation, groups
-        )
-        # (In a TensorFlow graph, too: it would otherwise run both at once.)
-        dx = input_delta(
-            _backend.after(delta, dw),
-            w,
-            spatial_shape,
-            strides,
-            pairs,
-            dilation,
-            groups,
-        )
-        return (dx, dw, bias_gradient(delta)) if bias else (dx, dw)
+        if needed[1]:
+            dw = kernel_gradient(
+                x, delta, kernel_size, strides, pairs, dilation, groups
+            )
+        if needed[0]:
+            # (In a TensorFlow graph, too: it would otherwise run both at
+            # once.)
+            dx = input_delta(
+                delta if dw is None else _backend.after(delta, dw),
+                w,
+                spatial_shape,
+                strides,
+                pairs,
+                dilation,
+                groups,
+            )
+        if not bias:
+            return dx, dw
+        if needed[2]:
+            db = bias_gradient(delta)
+        return dx, dw, db
 
     args = (x, w) if b is None else (x, w, b)
     return _backend.custom_gradient(forward, backward)(*args)

@@ -65,6 +65,48 @@ def test_each_derived_rule_runs_for_the_gradient(rank, monkeypatch):
 
 
 @RANKS
+def test_torch_skips_the_gradients_nothing_reads(rank, monkeypatch):
+    """torch runs every operation it is given, so the backward pass asks
+    autograd which gradients it will read: no input delta for an input
+    that needs no gradient (a first layer), no kernel gradient for a frozen
+    layer. (A TensorFlow graph and a jitted JAX function drop unread work
+    themselves.)"""
+    if BACKEND != "torch":
+        pytest.skip("torch's autograd says which gradients it reads")
+    import torch
+
+    calls = []
+    for name in ("input_delta", "kernel_gradient", "bias_gradient"):
+        rule = getattr(ops, name)
+
+        def counted(*args, _rule=rule, _name=name, **kwargs):
+            calls.append(_name)
+            return _rule(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, counted)
+    rot, twin = _twins(rank)
+    x, upstream = _inputs(rank, rot)
+    device = rot.kernel.value.device
+
+    def grads(layer, wrt_input):
+        xt = torch.tensor(x, device=device, requires_grad=wrt_input)
+        loss = (layer(xt) * torch.tensor(upstream, device=device)).sum()
+        wrt = [v.value for v in layer.trainable_variables]
+        return torch.autograd.grad(loss, [xt] * wrt_input + wrt)
+
+    mine, theirs = grads(rot, False), grads(twin, False)
+    assert calls == ["kernel_gradient", "bias_gradient"]
+    for name, a, b in zip(["dC/dw", "dC/db"], mine, theirs, strict=True):
+        assert_close(to_numpy(a), to_numpy(b), FLOAT64_RTOL, name)
+
+    calls.clear()
+    rot.trainable = twin.trainable = False
+    (mine,), (theirs,) = grads(rot, True), grads(twin, True)
+    assert calls == ["input_delta"]
+    assert_close(to_numpy(mine), to_numpy(theirs), FLOAT64_RTOL, "dC/dx")
+
+
+@RANKS
 def test_an_error_in_the_backward_pass_raises(rank, monkeypatch):
     """No backend turns an exception inside the derived gradient into NaNs
     or zeros (keras.ops.custom_gradient on torch would)."""

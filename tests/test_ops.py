@@ -72,6 +72,24 @@ RULE_CASES = [
         id="2d-s23-depthwise",
     ),
     pytest.param(
+        (2, 9, 3),
+        (3, 1, 6),
+        (1,),
+        (2,),
+        "causal",
+        3,
+        id="1d-causal-d2-depthwise",
+    ),
+    pytest.param(
+        (2, 6, 7, 3),
+        (3, 2, 1, 3),
+        (1, 1),
+        (1, 1),
+        "same",
+        3,
+        id="2d-depthwise",
+    ),
+    pytest.param(
         (1, 5, 6, 5, 2),
         (2, 3, 2, 2, 3),
         (2, 1, 2),
@@ -198,3 +216,37 @@ def test_reference_matches_finite_differences(
     for name, analytic, array in [("x", dx, x), ("w", dw, w), ("b", db, b)]:
         numeric = numeric_gradient(loss, array)
         assert_close(analytic, numeric, FD_RTOL, f"reference d/d{name}")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "unit_roundoff"), [("float16", 2.0**-11), ("bfloat16", 2.0**-8)]
+)
+def test_depthwise_kernel_gradient_sums_half_types_in_float32(
+    dtype, unit_roundoff
+):
+    """8192 products in each entry, each about 0.1, summing to about 700:
+    added up in float16 (spacing 0.5 there) they would drift by percents.
+    Against the reference in float64 on the same rounded inputs, the error
+    is that of rounding the inputs and the result, a few units of
+    roundoff."""
+    import keras
+
+    rng = np.random.default_rng(3)
+    shape, w_shape = (8, 32, 32, 2), (3, 3, 1, 4)
+    x = keras.ops.cast(0.3 + rng.standard_normal(shape), dtype)
+    delta = keras.ops.cast(0.3 + rng.standard_normal((8, 32, 32, 4)), dtype)
+    dw = ops.kernel_gradient(
+        x, delta, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), groups=2
+    )
+    assert keras.backend.standardize_dtype(dw.dtype) == dtype
+    expected = reference.kernel_gradient(
+        to_numpy(keras.ops.cast(x, "float64")),
+        to_numpy(keras.ops.cast(delta, "float64")),
+        w_shape,
+        (1, 1),
+        (1, 1),
+        "same",
+        groups=2,
+    )
+    dw = to_numpy(keras.ops.cast(dw, "float64"))
+    assert_close(dw, expected, 4 * unit_roundoff, f"{dtype} kernel gradient")

@@ -51,6 +51,11 @@ LAYER_CASES = {
     # 8192 terms in each bias gradient: summed in float16, they came out
     # tens of percent too small.
     "many-positions": (dict(filters=4, kernel_size=1), (8, 32, 32, 2)),
+    # 8192 products in each entry of a depthwise kernel gradient.
+    "many-positions-depthwise": (
+        dict(filters=4, kernel_size=3, groups=2, padding="same"),
+        (8, 32, 32, 2),
+    ),
 }
 
 
