@@ -525,6 +525,7 @@ def _kernel_gradient_depthwise(x, delta, kernel_size, pairs, dilation):
     torch sum float16 and bfloat16 in float32; a test checks it.)
     """
     rank = len(kernel_size)
+    x, delta = ops.convert_to_tensor(x), ops.convert_to_tensor(delta)
     n, *lengths, cout = ops.shape(delta)
     cin = x.shape[-1]
     padded = _pad(x, [(0, 0), *pairs, (0, 0)])
