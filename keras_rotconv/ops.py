@@ -287,7 +287,7 @@ def _full_convolution(delta, w, widths, dilation, groups):
         rot180(w, groups),
         strides=(1,) * rank,
         dilation=dilation,
-        pairs=[(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in widths],
+        pairs=_added_zeros(widths),
         groups=groups,
     )
 
@@ -408,12 +408,7 @@ def kernel_gradient(
     ]
     widths = [axis.x_widths for axis in axes]
     padded = _crop_negative(x, widths)
-    padded = _pad(
-        padded,
-        [(0, 0)]
-        + [(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in widths]
-        + [(0, 0)],
-    )
+    padded = _pad(padded, [(0, 0), *_added_zeros(widths), (0, 0)])
     phases = [axis.phases for axis in axes]
     taps = [axis.taps for axis in axes]
     strides_here = [axis.conv_stride for axis in axes]
@@ -433,7 +428,8 @@ def kernel_gradient(
     blocks = groups if apart else 1
     rows = _phase_rows(padded, phases, groups, blocks)
     del padded  # in eager mode, freed here rather than on return
-    if math.prod(phases) == 1 and _backend.pads_by_copy(rank):
+    phase_count = math.prod(phases)
+    if phase_count == 1 and _backend.pads_by_copy(rank):
         # The convolution would pad the rows by a copy, which a TensorFlow
         # graph makes as soon as the input exists, during the forward pass,
         # and keeps beside the window. Padded here once the delta exists,
@@ -442,9 +438,7 @@ def kernel_gradient(
         reads = [axis.reads(k) for axis, k in zip(axes, kernel_size)]
         rows = _pad(
             _crop_negative(_backend.after(rows, delta), reads),
-            [(0, 0)]
-            + [(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in reads]
-            + [(0, 0)],
+            [(0, 0), *_added_zeros(reads), (0, 0)],
         )
         axes = [
             axis._replace(read_before=0, read_after=-k)
@@ -452,9 +446,9 @@ def kernel_gradient(
         ]
         delta = _backend.after(delta, rows)
     window = _delta_window(delta, blocks)
-    if math.prod(phases) > 1:
+    if phase_count > 1:
         window = _backend.shared_filter(window)
-    per_phase = rows.shape[0] // (blocks * math.prod(phases))
+    per_phase = rows.shape[0] // (blocks * phase_count)
     per_block = rows.shape[0] // blocks
     # (rows, window, groups) of each convolution a phase takes: one grouped
     # convolution, or one per group on leading-axis slices (views).
@@ -486,9 +480,7 @@ def kernel_gradient(
                 block_window,
                 strides=strides_here,
                 dilation=dilation_here,
-                pairs=[
-                    (_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in reads
-                ],
+                pairs=_added_zeros(reads),
                 groups=block_groups,
             )
             for block, block_window, block_groups in operands
@@ -853,6 +845,12 @@ def _pad(x, widths):
     if all(_is_zero(v) for pair in widths for v in pair):
         return x
     return _backend.pad(x, widths)
+
+
+def _added_zeros(widths):
+    """The zeros that ``(before, after)`` padding widths add; a negative
+    width adds none (``_crop_negative`` cuts those positions off)."""
+    return [(_at_least_zero(lo), _at_least_zero(hi)) for lo, hi in widths]
 
 
 def _crop_negative(x, widths):
