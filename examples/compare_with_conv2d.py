@@ -23,7 +23,8 @@ import sys
 import keras
 import numpy as np
 
-from keras_rotconv import RotConv2D, data, models, plots, verify
+from keras_rotconv import RotConv2D
+from keras_rotconv.tools import data, models, plots, verify
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 

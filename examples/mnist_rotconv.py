@@ -24,7 +24,7 @@ import time
 import keras
 
 import keras_rotconv
-from keras_rotconv import data, models
+from keras_rotconv.tools import data, models
 
 
 def main() -> int:

@@ -46,7 +46,8 @@ def mirrored():
     )
     import keras
 
-    from keras_rotconv import RotConv2D, distribute
+    from keras_rotconv import RotConv2D
+    from keras_rotconv.tools import distribute
 
     strategy = distribute.make_strategy(
         "mirrored", devices=["/cpu:0", "/cpu:1"]
@@ -77,7 +78,8 @@ def mirrored():
 def multiworker():
     """One worker of a cluster that TF_CONFIG describes, training with
     ``distribute.fit`` on the global batches."""
-    from keras_rotconv import RotConv2D, distribute
+    from keras_rotconv import RotConv2D
+    from keras_rotconv.tools import distribute
 
     # Created first: the strategy sets up the cluster before TensorFlow
     # runs anything else.

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_rotconv import cli, explain, reference, verify
 from keras_rotconv import ops as rotconv_ops
+from keras_rotconv import reference
+from keras_rotconv.tools import cli, explain, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 

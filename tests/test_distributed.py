@@ -6,7 +6,7 @@ MNIST-like model in processes of its own (``distributed_worker.py``) and
 must end with the weights of training on one device with the same global
 batches.
 
-Also: ``keras_rotconv.distribute.make_strategy``'s errors, and the train
+Also: ``keras_rotconv.tools.distribute.make_strategy``'s errors, and the train
 command's ``--strategy``.
 """
 
@@ -29,7 +29,8 @@ from conftest import (
     relative_error,
 )
 
-from keras_rotconv import RotConv2D, cli, data, distribute, training
+from keras_rotconv import RotConv2D
+from keras_rotconv.tools import cli, data, distribute, training
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # A worker imports TensorFlow (~10 s on a busy 2-core machine) and trains

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import requests
 
-from keras_rotconv import RotConv2D, cli, data, models
+from keras_rotconv import RotConv2D
+from keras_rotconv.tools import cli, data, models
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

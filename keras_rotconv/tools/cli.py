@@ -67,7 +67,7 @@ def _add_verify(commands) -> None:
 def _verify(args: argparse.Namespace) -> int:
     import keras
 
-    from keras_rotconv import verify
+    from keras_rotconv.tools import verify
 
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -84,7 +84,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _add_train(commands) -> None:
-    from keras_rotconv import distribute, models
+    from keras_rotconv.tools import distribute, models
 
     parser = commands.add_parser(
         "train",
@@ -148,7 +148,7 @@ def _add_train(commands) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from keras_rotconv import data, distribute, training
+    from keras_rotconv.tools import data, distribute, training
 
     data.quiet()
     try:
@@ -192,7 +192,7 @@ def _add_explain(commands) -> None:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from keras_rotconv import explain
+    from keras_rotconv.tools import explain
 
     return explain.run(plot=args.plot)
 

@@ -3,7 +3,7 @@
 Trains with ``model.fit``, evaluates on the test split, saves the model as a
 ``.keras`` file and writes two figures: the learning curves and the test
 set's confusion matrix. With a ``tf.distribute`` strategy (see
-``keras_rotconv.distribute``) it trains data-parallel: ``"mirrored"`` over
+``keras_rotconv.tools.distribute``) it trains data-parallel: ``"mirrored"`` over
 this machine's devices, ``"multiworker"`` over the machines that
 ``TF_CONFIG`` lists, each running the same command.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_rotconv import data, distribute, models, plots
+from keras_rotconv.tools import data, distribute, models, plots
 
 
 @dataclasses.dataclass

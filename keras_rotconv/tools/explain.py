@@ -159,7 +159,7 @@ def run(plot: str | Path | None = None, file: TextIO | None = None) -> int:
         file=file,
     )
     if plot is not None:
-        from keras_rotconv import plots
+        from keras_rotconv.tools import plots
 
         plots.explain_figure(
             w, rotated, delta, padded, by_conv, SHOWN_POSITION, plot
