@@ -44,6 +44,11 @@ def correlate(
     empty = _empty_result(x, w, strides, dilation, pairs)
     if empty is not None:
         return keras.ops.zeros(empty, dtype=x.dtype)
+    one_window = _one_window_unstrided(x, w, strides, dilation, pairs)
+    if one_window is None:
+        shape = _result_shape(x, w, strides, dilation, pairs)
+        return keras.ops.zeros(shape, dtype=x.dtype)
+    x, strides, pairs = one_window
     return _CORRELATE[_BACKEND](
         x, w, tuple(strides), tuple(dilation), groups, pairs
     )
@@ -109,6 +114,18 @@ def _static(pairs) -> bool:
     return all(isinstance(v, int) for pair in pairs for v in pair)
 
 
+def _result_shape(x, w, strides, dilation, pairs):
+    """The shape of ``correlate``'s result (with static sizes)."""
+    rank = len(strides)
+    lengths = [
+        max((n + lo + hi - (k - 1) * d - 1) // s + 1, 0)
+        for n, k, s, d, (lo, hi) in zip(
+            x.shape[1:-1], w.shape[:rank], strides, dilation, pairs
+        )
+    ]
+    return (x.shape[0], *lengths, w.shape[-1])
+
+
 def _empty_result(x, w, strides, dilation, pairs):
     """The result's shape when it is empty or a sum of no terms, else None.
 
@@ -117,20 +134,46 @@ def _empty_result(x, w, strides, dilation, pairs):
     whenever a batch or an input is empty: the kernel gradient of an empty
     batch is a correlation over zero "channels". Their value is zeros.
     """
-    rank = len(strides)
-    sizes = (*x.shape, *w.shape)
-    if any(n is None for n in sizes):
+    if any(n is None for n in (*x.shape, *w.shape)):
         return None
-    lengths = [
-        max((n + lo + hi - (k - 1) * d - 1) // s + 1, 0)
-        for n, k, s, d, (lo, hi) in zip(
-            x.shape[1:-1], w.shape[:rank], strides, dilation, pairs
-        )
-    ]
-    shape = (x.shape[0], *lengths, w.shape[-1])
+    shape = _result_shape(x, w, strides, dilation, pairs)
     if 0 in shape or 0 in w.shape:
         return shape
     return None
+
+
+def _one_window_unstrided(x, w, strides, dilation, pairs):
+    """``(x, strides, pairs)`` with stride 1 on every axis that has a single
+    output position, ``x`` cut or padded to exactly that window; None if the
+    window reads only padding (the result is then zeros).
+
+    One window has no stride to speak of, and this keeps the convolution
+    away from a oneDNN bug that TensorFlow's and torch's CPU kernels share
+    (TensorFlow 2.21, torch 2.13): in float32, one input channel, an output
+    width of 1 at a width stride above 1, an output height of at least 2
+    and a batch of at least 2 give uninitialised memory, not the sums (the
+    kernel gradient meets that shape at batch 1 with a dilated, one-tap
+    kernel axis). See docs/backend-notes.md.
+    """
+    strides, pairs = list(strides), list(pairs)
+    for axis, s in enumerate(strides):
+        size = x.shape[axis + 1]
+        if s == 1 or size is None:
+            continue
+        before, after = pairs[axis]
+        span = (w.shape[axis] - 1) * dilation[axis] + 1
+        if size + before + after - span >= s:
+            continue  # a second window
+        strides[axis] = 1
+        read = span - before  # entries of x the window reads, at most
+        if read <= 0:
+            return None
+        if read < size:
+            index = [slice(None)] * len(x.shape)
+            index[axis + 1] = slice(0, read)
+            x = x[tuple(index)]
+        pairs[axis] = (before, span - before - min(read, size))
+    return x, tuple(strides), tuple(pairs)
 
 
 def custom_gradient(forward: Callable, backward: Callable) -> Callable:
