@@ -1,8 +1,9 @@
 """keras-rotconv: Keras convolution layers whose backward pass is the derived
 rotated-kernel convolution."""
 
-from keras_rotconv import ops, reference
+from keras_rotconv import ops, reference, rules
 from keras_rotconv.layers import RotConv1D, RotConv2D, RotConv3D
+from keras_rotconv.ops import textbook_rules
 
 __version__ = "0.1.0"
 
@@ -13,4 +14,6 @@ __all__ = [
     "__version__",
     "ops",
     "reference",
+    "rules",
+    "textbook_rules",
 ]

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import keras
 
+from keras_rotconv import _shapes
+
 _BACKEND = keras.backend.backend()
 
 
@@ -30,17 +32,13 @@ def correlate(
     """``out[n, p, o] = Σ_{k, i} x̂[n, p·strides + k·dilation, i] w[k, i, o]``,
     each group of channels on its own, where ``x̂`` is ``x`` with
     ``pairs[axis] = (before, after)`` zeros added to each spatial axis (none
-    by default).
+    by default), or ``-before`` (``-after``) entries cut off where negative.
 
     ``x`` is ``(N, *S, C_in)``, ``w`` is ``(*K, C_in // groups, C_out)``.
     Where the backend's convolution can pad as it reads, the padded copy of
     ``x`` is never written out.
     """
-    rank = len(strides)
-    pairs = tuple(pairs) if pairs is not None else ((0, 0),) * rank
-    if not _static(pairs):
-        x = pad(x, [(0, 0), *pairs, (0, 0)])
-        pairs = ((0, 0),) * rank
+    x, pairs = _padded_as_read(x, pairs, len(strides))
     empty = _empty_result(x, w, strides, dilation, pairs)
     if empty is not None:
         return keras.ops.zeros(empty, dtype=x.dtype)
@@ -52,6 +50,26 @@ def correlate(
     return _CORRELATE[_BACKEND](
         x, w, tuple(strides), tuple(dilation), groups, pairs
     )
+
+
+def _padded_as_read(x, pairs, rank):
+    """``x`` cropped where a width is negative, and the padding left for the
+    convolution to add as it reads; or, where the widths are known only
+    when the graph runs, or traced by ``torch.compile``, ``x`` padded (and
+    cropped) by a copy, and no padding left. (The torch.compile tracer
+    proves slowly what a cropping or the convolution's own padding needs to
+    know about symbolic widths; ``F.pad`` takes negative widths as crops.)
+    """
+    pairs = tuple(pairs) if pairs is not None else ((0, 0),) * rank
+    if all(_shapes.is_zero(v) for pair in pairs for v in pair):
+        return x, pairs
+    if traced_by_torch_compile():
+        return pad(x, [(0, 0), *pairs, (0, 0)]), ((0, 0),) * rank
+    x = _shapes.crop_negative(x, pairs)
+    pairs = tuple(_shapes.added_zeros(pairs))
+    if not _static(pairs):
+        return pad(x, [(0, 0), *pairs, (0, 0)]), ((0, 0),) * rank
+    return x, pairs
 
 
 def runs_groups_apart(w_shape, strides, dilation, groups) -> bool:

@@ -24,6 +24,7 @@ import pytest
 
 import keras_rotconv
 from keras_rotconv import ops, reference
+from keras_rotconv.forms import phases as phase_forms
 
 tf = pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.skipif(
@@ -236,7 +237,7 @@ def test_interleave_puts_every_phase_back(strides):
         for q in itertools.product(*map(range, strides))
     ]
     np.testing.assert_array_equal(
-        np.asarray(ops.interleave(phases, strides)), x
+        np.asarray(phase_forms.interleave(phases, strides)), x
     )
     assert phases == []
 
@@ -261,7 +262,7 @@ def test_phases_match_the_spread_rule(strides, padding, groups):
         )
         delta = rng.standard_normal(z.shape)
         _assert_close(
-            ops.input_delta_by_phases(
+            phase_forms.input_delta_by_phases(
                 tf.constant(delta), w, x_shape[1:-1], strides, pairs, groups
             ),
             reference.input_gradient(

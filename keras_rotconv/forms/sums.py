@@ -1,0 +1,96 @@
+"""Kernel gradients whose correlation is a plain sum of products.
+
+``rules.kernel_gradient`` is one convolution whose window is the delta. Where
+that window meets only one tap (a 1x1 kernel) or only one input channel per
+group (a depthwise kernel), the same sums are cheaper written out: one matrix
+product, or one sum of products per tap. They are differentiated as the sums
+they are, not by the derived rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from keras import ops
+
+from keras_rotconv._shapes import is_zero, pad
+
+
+def is_pointwise(kernel_size, strides, pairs) -> bool:
+    """Whether ``kernel_gradient_pointwise`` applies: a 1x1 kernel at stride
+    1 with no padding."""
+    return (
+        all(k == 1 for k in kernel_size)
+        and all(s == 1 for s in strides)
+        and all(is_zero(v) for pair in pairs for v in pair)
+    )
+
+
+def is_depthwise(x, strides, groups) -> bool:
+    """Whether ``kernel_gradient_depthwise`` applies: one input channel per
+    group, stride 1."""
+    return groups > 1 and x.shape[-1] == groups and all(s == 1 for s in strides)
+
+
+def kernel_gradient_pointwise(x, delta, groups: int = 1):
+    """Equals ``rules.kernel_gradient`` of a 1x1 kernel at stride 1, with no
+    padding: the one tap's window is the whole input, so ``dC/dw[0, i, o] =
+    Σ_{n, p} a_prev[n, p, i] · delta[n, p, o]`` is one matrix product over
+    the positions ``(n, p)`` (per group), with no layout change of either
+    operand."""
+    rank = len(x.shape) - 2
+    cin, cout = x.shape[-1], delta.shape[-1]
+    if groups == 1:
+        grad = ops.einsum(
+            "mi,mo->io",
+            ops.reshape(x, (-1, cin)),
+            ops.reshape(delta, (-1, cout)),
+        )
+    else:
+        grad = ops.einsum(
+            "mgi,mgo->igo",
+            ops.reshape(x, (-1, groups, cin // groups)),
+            ops.reshape(delta, (-1, groups, cout // groups)),
+        )
+    return ops.reshape(grad, (*(1,) * rank, cin // groups, cout))
+
+
+def kernel_gradient_depthwise(
+    x, delta, kernel_size: Sequence[int], pairs, dilation: Sequence[int]
+):
+    """Equals ``rules.kernel_gradient`` of a depthwise kernel (one input
+    channel per group, ``m`` filters each) at stride 1: each group's
+    correlation has a single input channel, so tap ``k``'s gradient,
+    ``dC/dw[k, 0, c·m + j] = Σ_{n, p} a_prev[n, p + k·dilation, c] ·
+    delta[n, p, c·m + j]``, is the products of one window of the padded
+    input with the delta, summed. (As a convolution it is a grouped one
+    whose filter, the delta, is as large as the image.) Float16 and
+    bfloat16 are summed in float32 on JAX and torch; a test checks it.
+    """
+    rank = len(kernel_size)
+    x, delta = ops.convert_to_tensor(x), ops.convert_to_tensor(delta)
+    n, *lengths, cout = ops.shape(delta)
+    cin = x.shape[-1]
+    padded = pad(x, [(0, 0), *pairs, (0, 0)])
+    multiplier = cout // cin
+    if multiplier > 1:
+        # (N, *L, C, m): each input channel's m deltas.
+        delta = ops.reshape(delta, (n, *lengths, cin, multiplier))
+    axes = tuple(range(rank + 1))
+    taps = []
+    for tap in itertools.product(*map(range, kernel_size)):
+        # One slice for all axes: a backend may copy each slice it takes.
+        window = padded[
+            (
+                slice(None),
+                *(
+                    slice(k * d, k * d + length)
+                    for k, d, length in zip(tap, dilation, lengths)
+                ),
+            )
+        ]
+        if multiplier > 1:
+            window = ops.expand_dims(window, -1)
+        taps.append(ops.sum(window * delta, axis=axes))
+    return ops.reshape(ops.stack(taps), (*kernel_size, 1, cout))
