@@ -91,13 +91,10 @@ def sums_depthwise_taps() -> bool:
     stride 1 tap by tap, as sums of products, rather than as a grouped
     convolution whose filter (the delta) is as large as the image.
 
-    JAX and torch run that convolution slowly (measured, 3x3, 64 channels,
-    32x32, batch 16, kernel gradient alone: JAX 128 -> 28 ms, torch 52 ->
-    9 ms). TensorFlow runs it fast as one convolution per group
-    (``runs_groups_apart``) and not the taps: a graph runs them side by
-    side, each with its own products (train-step peak 1.77 times the
-    built-in layer's, against 0.99), and under XLA they took longer (time
-    ratio 1.15, against 0.95).
+    JAX and torch run that convolution slowly. TensorFlow runs it fast as
+    one convolution per group (``runs_groups_apart``) and not the taps: a
+    graph runs them side by side, each with its own products, and XLA took
+    longer. (Figures: benchmarks/results/README.md, "Measured figures".)
     """
     return _BACKEND in ("jax", "torch")
 
@@ -244,8 +241,7 @@ def shared_filter(w):
     Only torch copies per call: its CPU convolution reads a filter as
     ``(C_out, *K, C_in)`` in memory next to a channels-last input (the
     layout ``correlate`` hands it), and 1D as ``(C_out, C_in, K)``.
-    Measured, the 7x7 stride-2 kernel gradient of a 3-channel 64x64 batch
-    of 16, four phases sharing a 4 MiB filter: 29.1 -> 18.4 ms.
+    (Figures: benchmarks/results/README.md, "Measured figures".)
     """
     if _BACKEND != "torch":
         return w
@@ -299,8 +295,7 @@ def _tf_correlate(x, w, strides, dilation, groups, pairs):
         return one(x, w)
     # Each group runs as its own convolution: TensorFlow's 3D convolution
     # has no grouped form, and its grouped 2D one measured slower on CPU
-    # (TensorFlow 2.21, 16x32x32x64, 3x3, groups 4: 12.8 ms against 9.4 ms
-    # per group, 15.0 against 8.6 ms under XLA).
+    # (benchmarks/results/README.md, "Measured figures").
     return tf.concat(
         [
             one(xg, wg)
