@@ -221,7 +221,7 @@ def kernel_gradient_by_phases(
     in the rows, each phase's rows are correlated with the delta, and
     ``_taps_from_phases`` puts tap ``(j, r)`` back at ``j·s + r``. With no
     phases to split it is ``rules.kernel_gradient`` in the backend's layout
-    (``_backend.kernel_gradient_layout``).
+    (see ``applies_to_kernel_gradient``).
     """
     rank = len(strides)
     axes = [
@@ -255,18 +255,7 @@ def kernel_gradient_by_phases(
         rows, window_, axes, kernel_size, conv_args, groups, blocks
     )
     del rows, window_
-    if len(results) == 1:
-        # (C/g, *K, C_out) to (*K, C/g, C_out)
-        grad = ops.transpose(results[0], (*range(1, rank + 1), 0, rank + 1))
-    else:
-        grad = _taps_from_phases(
-            ops.concatenate(results, axis=0),
-            [axis.phases for axis in axes],
-            [axis.taps for axis in axes],
-        )
-    for axis in range(rank):
-        grad = crop(grad, axis, kernel_size[axis])
-    return grad
+    return _taps_from_phases(results, axes, kernel_size)
 
 
 def _blocks(x, delta, conv_args, groups) -> int:
@@ -403,10 +392,27 @@ def _delta_window(delta, blocks: int):
     return ops.transpose(split, (rank + 1, *range(1, rank + 1), 0, rank + 2))
 
 
-def _taps_from_phases(grad, phases: Sequence[int], taps: Sequence[int]):
-    """The kernel gradient's convolution result, ``(∏phases · C/g, *T,
-    C_out)``, as a kernel ``(*(T·phases), C/g, C_out)``: tap ``j`` of phase
-    ``r`` goes to ``j·phases + r``."""
+def _taps_from_phases(results, axes, kernel_size):
+    """The phases' convolution results, each ``(C/g, *T, C_out)``, as a
+    kernel ``(*K, C/g, C_out)``: tap ``j`` of phase ``r`` goes to
+    ``j·phases + r``, and the taps past ``K`` (zeros) go."""
+    rank = len(axes)
+    if len(results) == 1:
+        # (C/g, *K, C_out) to (*K, C/g, C_out)
+        grad = ops.transpose(results[0], (*range(1, rank + 1), 0, rank + 1))
+    else:
+        grad = _interleave_taps(
+            ops.concatenate(results, axis=0),
+            [axis.phases for axis in axes],
+            [axis.taps for axis in axes],
+        )
+    for axis in range(rank):
+        grad = crop(grad, axis, kernel_size[axis])
+    return grad
+
+
+def _interleave_taps(grad, phases: Sequence[int], taps: Sequence[int]):
+    """``(∏phases · C/g, *T, C_out)`` to ``(*(T·phases), C/g, C_out)``."""
     rank = len(phases)
     cout = grad.shape[-1]
     split = ops.reshape(grad, (*phases, -1, *taps, cout))

@@ -61,6 +61,13 @@ def _add_verify(commands) -> None:
         "inputs, over a built-in grid of configurations. Exits with status "
         "1 if any configuration disagrees.",
     )
+    parser.add_argument(
+        "--textbook",
+        action="store_true",
+        help="run the backward pass as the textbook rules only "
+        "(keras_rotconv.rules: zeros spread for strides, the kernel "
+        "gradient as one convolution)",
+    )
     parser.set_defaults(run=_verify)
 
 
@@ -80,7 +87,7 @@ def _verify(args: argparse.Namespace) -> int:
 
         # Without it JAX computes the float64 configurations in float32.
         jax.config.update("jax_enable_x64", True)
-    return verify.run()
+    return verify.run(textbook=args.textbook)
 
 
 def _add_train(commands) -> None:

@@ -172,9 +172,16 @@ def run(
     cases: Sequence[Case] = GRID,
     layer_class: type = RotConv2D,
     file: TextIO | None = None,
+    textbook: bool = False,
 ) -> int:
     """Prints the comparison table; returns the exit status, 1 on any
-    mismatch."""
+    mismatch. ``textbook``: the backward pass runs the rules of
+    ``keras_rotconv.rules`` only (``keras_rotconv.textbook_rules()``)."""
+    if textbook:
+        from keras_rotconv.ops import textbook_rules
+
+        with textbook_rules():
+            return run(cases, layer_class, file)
     file = file or sys.stdout
     width = max(len(c.name) for c in cases)
     header = f"{'configuration':<{width}}  " + "".join(
