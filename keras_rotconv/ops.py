@@ -6,7 +6,7 @@ gradient attached. Its backward pass calls ``input_delta``,
 flat list of guards, the cheapest form of each rule that applies: a form in
 ``keras_rotconv.forms``, else the textbook rule in ``keras_rotconv.rules``
 (where the derivation is written out, with its equations). Inside
-``textbook_rules()`` every guard but the last is skipped.
+``textbook_rules()`` the first guard sends each straight to ``rules``.
 
 Everything here is channels-last: ``x`` is ``(N, *S, C_in)``, ``w`` is
 ``(*K, C_in // groups, C_out)``, ``b`` is ``(C_out,)`` and a delta is

@@ -246,3 +246,18 @@ def test_a_layer_called_in_the_block_keeps_the_textbook_backward(monkeypatch):
     _forbid_forms(monkeypatch)
     (y * torch.tensor(upstream)).sum().backward()
     assert xt.grad is not None
+
+
+def test_verify_runs_the_grid_with_the_textbook_rules(monkeypatch):
+    """``keras-rotconv verify --textbook``: the comparison with Keras's
+    Conv2D passes with no form running."""
+    import io
+
+    from keras_rotconv.tools import verify
+
+    _forbid_forms(monkeypatch)
+    cases = [
+        verify.Case(strides=(2, 2), padding="same", spatial=(10, 9)),
+        verify.Case(dtype="float64", dilation_rate=(2, 2), groups=2),
+    ]
+    assert verify.run(cases, file=io.StringIO(), textbook=True) == 0
