@@ -260,6 +260,49 @@ def pad(x, widths: Sequence[tuple[int, int]]):
 
 
 def _tf_correlate(x, w, strides, dilation, groups, pairs):
+    out = _tf_convolve(x, w, strides, dilation, groups, pairs)
+    if all(n is not None for n in x.shape):
+        return out
+    return _tf_reshaped(out, x, w, strides, dilation, pairs)
+
+
+def _tf_reshaped(out, x, w, strides, dilation, pairs):
+    """``out`` with the shape the arithmetic gives, where sizes are known
+    only when the graph runs.
+
+    TensorFlow's oneDNN convolution (on by default on CPUs with
+    AVX512_VNNI or AVX512_BF16) returns its input unchanged where the
+    result is empty: an empty batch, or an input shorter than the kernel.
+    Where the result is not empty, its elements are all kept and this is
+    free; where it is empty, none are.
+    """
+    import tensorflow as tf
+
+    rank = len(strides)
+    dynamic = tf.unstack(tf.shape(x))
+    sizes = [n if n is not None else dynamic[i] for i, n in enumerate(x.shape)]
+    lengths = [
+        _at_least_zero((n + lo + hi - (k - 1) * d - 1) // s + 1)
+        for n, k, s, d, (lo, hi) in zip(
+            sizes[1:-1], w.shape[:rank], strides, dilation, pairs
+        )
+    ]
+    shape = [sizes[0], *lengths, w.shape[-1]]
+    flat = tf.reshape(out, [-1])[: tf.reduce_prod(tf.stack(shape))]
+    shaped = tf.reshape(flat, tf.stack(shape))
+    shaped.set_shape([v if isinstance(v, int) else None for v in shape])
+    return shaped
+
+
+def _at_least_zero(n):
+    if isinstance(n, int):
+        return max(n, 0)
+    import tensorflow as tf
+
+    return tf.maximum(n, 0)
+
+
+def _tf_convolve(x, w, strides, dilation, groups, pairs):
     import tensorflow as tf
 
     rank = len(strides)
