@@ -1,0 +1,252 @@
+"""The backend seam: what the derivation cannot say in ``keras.ops``.
+
+``correlate`` is a plain strided, dilated, grouped convolution of a
+zero-padded input in channels-last layout, the forward primitive every rule
+is built from; ``add_bias`` adds the bias. ``custom_gradient`` attaches a
+backward function to a forward one using the backend's own mechanism.
+``pad`` is zero padding. The formulas live in ``keras_rotconv.rules`` (and
+their cheaper forms in ``keras_rotconv.forms``) and are written once; what
+differs here is how each backend computes the same values fastest (padding
+read by the convolution rather than written out, TensorFlow's depthwise and
+bias-add ops) and lays them out in memory (TensorFlow's group blocks,
+pre-padding and graph ordering, torch's shared filter).
+
+The backend-neutral part is here; ``tensorflow.py``, ``jax.py`` and
+``torch.py`` beside it hold each backend's own, as Keras keeps its backends
+in ``keras/src/backend/<name>/``. Only the running backend's module is
+imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import keras
+
+from keras_rotconv import _shapes
+
+_BACKEND = keras.backend.backend()
+
+
+class _Unsupported:
+    def __getattr__(self, name):
+        raise ValueError(
+            "keras_rotconv runs on the tensorflow, jax and torch backends. "
+            f"Received: backend={_BACKEND}"
+        )
+
+
+_impl = (
+    importlib.import_module(f"keras_rotconv._backend.{_BACKEND}")
+    if _BACKEND in ("tensorflow", "jax", "torch")
+    else _Unsupported()
+)
+
+
+def correlate(
+    x,
+    w,
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    pairs: Sequence[tuple] | None = None,
+):
+    """``out[n, p, o] = Σ_{k, i} x̂[n, p·strides + k·dilation, i] w[k, i, o]``,
+    each group of channels on its own, where ``x̂`` is ``x`` with
+    ``pairs[axis] = (before, after)`` zeros added to each spatial axis (none
+    by default), or ``-before`` (``-after``) entries cut off where negative.
+
+    ``x`` is ``(N, *S, C_in)``, ``w`` is ``(*K, C_in // groups, C_out)``.
+    Where the backend's convolution can pad as it reads, the padded copy of
+    ``x`` is never written out.
+    """
+    x, pairs = _padded_as_read(x, pairs, len(strides))
+    empty = _empty_result(x, w, strides, dilation, pairs)
+    if empty is not None:
+        return keras.ops.zeros(empty, dtype=x.dtype)
+    one_window = _one_window_unstrided(x, w, strides, dilation, pairs)
+    if one_window is None:
+        shape = _result_shape(x, w, strides, dilation, pairs)
+        return keras.ops.zeros(shape, dtype=x.dtype)
+    x, strides, pairs = one_window
+    return _impl.correlate(x, w, tuple(strides), tuple(dilation), groups, pairs)
+
+
+def _padded_as_read(x, pairs, rank):
+    """``x`` cropped where a width is negative, and the padding left for the
+    convolution to add as it reads; or, where the widths are known only
+    when the graph runs, or traced by ``torch.compile``, ``x`` padded (and
+    cropped) by a copy, and no padding left. (The torch.compile tracer
+    proves slowly what a cropping or the convolution's own padding needs to
+    know about symbolic widths; ``F.pad`` takes negative widths as crops.)
+    """
+    pairs = tuple(pairs) if pairs is not None else ((0, 0),) * rank
+    if all(_shapes.is_zero(v) for pair in pairs for v in pair):
+        return x, pairs
+    if traced_by_torch_compile():
+        return pad(x, [(0, 0), *pairs, (0, 0)]), ((0, 0),) * rank
+    x = _shapes.crop_negative(x, pairs)
+    pairs = tuple(_shapes.added_zeros(pairs))
+    if not _static(pairs):
+        return pad(x, [(0, 0), *pairs, (0, 0)]), ((0, 0),) * rank
+    return x, pairs
+
+
+def _static(pairs) -> bool:
+    return all(isinstance(v, int) for pair in pairs for v in pair)
+
+
+def _result_shape(x, w, strides, dilation, pairs):
+    """The shape of ``correlate``'s result (with static sizes)."""
+    rank = len(strides)
+    lengths = [
+        max((n + lo + hi - (k - 1) * d - 1) // s + 1, 0)
+        for n, k, s, d, (lo, hi) in zip(
+            x.shape[1:-1], w.shape[:rank], strides, dilation, pairs
+        )
+    ]
+    return (x.shape[0], *lengths, w.shape[-1])
+
+
+def _empty_result(x, w, strides, dilation, pairs):
+    """The result's shape when it is empty or a sum of no terms, else None.
+
+    Backends refuse such convolutions (an input shorter than the kernel, a
+    kernel or a channel axis of size zero), yet the backward rules meet them
+    whenever a batch or an input is empty: the kernel gradient of an empty
+    batch is a correlation over zero "channels". Their value is zeros.
+    """
+    if any(n is None for n in (*x.shape, *w.shape)):
+        return None
+    shape = _result_shape(x, w, strides, dilation, pairs)
+    if 0 in shape or 0 in w.shape:
+        return shape
+    return None
+
+
+def _one_window_unstrided(x, w, strides, dilation, pairs):
+    """``(x, strides, pairs)`` with stride 1 on every axis that has a single
+    output position, ``x`` cut or padded to exactly that window; None if the
+    window reads only padding (the result is then zeros).
+
+    One window has no stride to speak of, and this keeps the convolution
+    away from a oneDNN bug that TensorFlow's and torch's CPU kernels share
+    (TensorFlow 2.21, torch 2.13): in float32, one input channel, an output
+    width of 1 at a width stride above 1, an output height of at least 2
+    and a batch of at least 2 give uninitialised memory, not the sums (the
+    kernel gradient meets that shape at batch 1 with a dilated, one-tap
+    kernel axis). See docs/backend-notes.md.
+    """
+    strides, pairs = list(strides), list(pairs)
+    for axis, s in enumerate(strides):
+        size = x.shape[axis + 1]
+        if s == 1 or size is None:
+            continue
+        before, after = pairs[axis]
+        span = (w.shape[axis] - 1) * dilation[axis] + 1
+        if size + before + after - span >= s:
+            continue  # a second window
+        strides[axis] = 1
+        read = span - before  # entries of x the window reads, at most
+        if read <= 0:
+            return None
+        if read < size:
+            index = [slice(None)] * len(x.shape)
+            index[axis + 1] = slice(0, read)
+            x = x[tuple(index)]
+        pairs[axis] = (before, span - before - min(read, size))
+    return x, tuple(strides), tuple(pairs)
+
+
+def custom_gradient(forward: Callable, backward: Callable) -> Callable:
+    """``forward(*tensors)`` whose gradient is ``backward(upstream,
+    *tensors, needed=...)``.
+
+    ``backward`` returns one gradient per tensor and is written with
+    differentiable operations, so higher-order gradients follow it too.
+    ``needed[i]`` is False where nothing will read the ``i``-th gradient,
+    and ``backward`` may return None there instead of computing it. Only
+    torch says so (a first layer's input, a frozen kernel: torch runs
+    every operation it is given); a TensorFlow graph and a jitted JAX
+    function drop the unread work themselves, so there every gradient is
+    asked for.
+    """
+    return _impl.custom_gradient(forward, backward)
+
+
+def pad(x, widths: Sequence[tuple[int, int]]):
+    """``x`` with ``widths[axis] = (before, after)`` zeros added to each
+    axis."""
+    return _impl.pad(x, widths)
+
+
+def add_bias(z, b):
+    """``z + b``, ``b`` added along the last (channel) axis."""
+    return _impl.add_bias(z, b)
+
+
+def after(x, *earlier):
+    """``x``, in a TensorFlow graph read only once ``earlier`` are computed
+    (elsewhere ``x``: eager code runs in the order it is written, and XLA
+    schedules on its own).
+
+    A TensorFlow graph runs every op as soon as its inputs exist, so a
+    backward rule's work on the layer's input alone would run during the
+    forward pass, and two rules' temporaries would live at once; this
+    orders them as eager mode would."""
+    return _impl.after(x, *earlier)
+
+
+def shared_filter(w):
+    """``w``, a filter ``(*K, C_in, C_out)`` that several ``correlate``
+    calls read, laid out once in the memory order the backend's
+    convolution reads it in, so that each call does not copy it again.
+
+    Only torch copies per call: its CPU convolution reads a filter as
+    ``(C_out, *K, C_in)`` in memory next to a channels-last input (the
+    layout ``correlate`` hands it), and 1D as ``(C_out, C_in, K)``.
+    (Figures: benchmarks/results/README.md, "Measured figures".)
+    """
+    return _impl.shared_filter(w)
+
+
+def runs_groups_apart(w_shape, strides, dilation, groups) -> bool:
+    """Whether ``correlate`` computes a grouped convolution with kernel
+    shape ``w_shape`` as one convolution per group (TensorFlow, outside its
+    depthwise op), splitting the channels of ``x`` and ``w`` into copies. A
+    caller that can lay out each group's operands contiguously in the
+    leading axis, where a slice is a view, can call it per group instead and
+    save those copies."""
+    return _impl.runs_groups_apart(w_shape, strides, dilation, groups)
+
+
+def sums_depthwise_taps() -> bool:
+    """Whether ``kernel_gradient`` computes a depthwise kernel gradient at
+    stride 1 tap by tap, as sums of products, rather than as a grouped
+    convolution whose filter (the delta) is as large as the image.
+
+    JAX and torch run that convolution slowly. TensorFlow runs it fast as
+    one convolution per group (``runs_groups_apart``) and not the taps: a
+    graph runs them side by side, each with its own products, and XLA took
+    longer. (Figures: benchmarks/results/README.md, "Measured figures".)
+    """
+    return _impl.sums_depthwise_taps()
+
+
+def pads_by_copy(rank: int) -> bool:
+    """Whether ``correlate`` on ``rank`` spatial axes writes out a padded
+    copy of ``x`` for padding TensorFlow's ``"SAME"`` rule does not cover
+    (TensorFlow's 1D and 3D convolutions take no explicit padding)."""
+    return _impl.pads_by_copy(rank)
+
+
+def traced_by_torch_compile() -> bool:
+    """Whether ``torch.compile`` is tracing the code that calls this.
+
+    Its tracer hands sizes over as symbolic ints that pass for Python ints
+    (``isinstance(size, int)`` holds), yet every comparison or division of
+    one makes it prove a fact about all sizes: the phase split's reshapes
+    then take minutes per layer to trace.
+    """
+    return _impl.traced_by_torch_compile()

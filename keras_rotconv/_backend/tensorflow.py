@@ -1,0 +1,188 @@
+"""The backend seam on TensorFlow (see ``keras_rotconv._backend``)."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+def correlate(x, w, strides, dilation, groups, pairs):
+    out = _convolve(x, w, strides, dilation, groups, pairs)
+    if all(n is not None for n in (*x.shape, *w.shape)):
+        return out
+    return _reshaped(out, x, w, strides, dilation, pairs)
+
+
+def _reshaped(out, x, w, strides, dilation, pairs):
+    """``out`` with the shape the arithmetic gives, where sizes are known
+    only when the graph runs.
+
+    TensorFlow's oneDNN convolution (on by default on CPUs with
+    AVX512_VNNI or AVX512_BF16) returns its input unchanged where the
+    result is empty: an empty batch, or an input shorter than the kernel.
+    Where the result is not empty, its elements are all kept and this is
+    free; where it is empty, none are.
+    """
+    rank = len(strides)
+    sizes, kernel = _sizes(x), _sizes(w)
+    lengths = [
+        _at_least_zero((n + lo + hi - (k - 1) * d - 1) // s + 1)
+        for n, k, s, d, (lo, hi) in zip(
+            sizes[1:-1], kernel[:rank], strides, dilation, pairs
+        )
+    ]
+    shape = [sizes[0], *lengths, kernel[-1]]
+    flat = tf.reshape(out, [-1])[: tf.reduce_prod(tf.stack(shape))]
+    shaped = tf.reshape(flat, tf.stack(shape))
+    shaped.set_shape([v if isinstance(v, int) else None for v in shape])
+    return shaped
+
+
+def _sizes(x):
+    """The sizes of ``x``: ints where known as the graph is built, else
+    scalar tensors (the kernel gradient's filter is a delta, whose sizes
+    may be unknown too)."""
+    dynamic = tf.unstack(tf.shape(x))
+    return [n if n is not None else dynamic[i] for i, n in enumerate(x.shape)]
+
+
+def _at_least_zero(n):
+    if isinstance(n, int):
+        return max(n, 0)
+    return tf.maximum(n, 0)
+
+
+def _convolve(x, w, strides, dilation, groups, pairs):
+    rank = len(strides)
+    padding = _padding(x.shape, w.shape, strides, dilation, pairs)
+    if padding == "EXPLICIT" and rank != 2:
+        # Only the 2D convolutions take explicit padding.
+        x = tf.pad(x, [(0, 0), *pairs, (0, 0)])
+        padding = "VALID"
+    elif padding == "EXPLICIT":
+        padding = [(0, 0), *pairs, (0, 0)]
+    if _depthwise(w.shape, strides, dilation, groups):
+        # One input channel per group: TensorFlow's depthwise convolution
+        # runs all groups as one op.
+        *kernel, _, cout = w.shape
+        return tf.nn.depthwise_conv2d(
+            x,
+            tf.reshape(w, (*kernel, groups, cout // groups)),
+            strides=(1, *strides, 1),
+            padding=padding,
+            dilations=dilation,
+        )
+
+    def one(x, w):
+        if rank == 2:
+            return tf.nn.conv2d(
+                x, w, strides=strides, padding=padding, dilations=dilation
+            )
+        return tf.nn.convolution(
+            x, w, strides=strides, padding=padding, dilations=dilation
+        )
+
+    if groups == 1:
+        return one(x, w)
+    # Each group runs as its own convolution: TensorFlow's 3D convolution
+    # has no grouped form, and its grouped 2D one measured slower on CPU
+    # (benchmarks/results/README.md, "Measured figures").
+    return tf.concat(
+        [
+            one(xg, wg)
+            for xg, wg in zip(
+                tf.split(x, groups, axis=-1), tf.split(w, groups, axis=-1)
+            )
+        ],
+        axis=-1,
+    )
+
+
+def _depthwise(w_shape, strides, dilation, groups) -> bool:
+    """Whether TensorFlow's depthwise convolution computes this grouped one:
+    2D, one input channel per group, equal strides, and no stride and
+    dilation together (the op's own limits)."""
+    return (
+        groups > 1
+        and len(strides) == 2
+        and w_shape[-2] == 1
+        and strides[0] == strides[1]
+        and (all(s == 1 for s in strides) or all(d == 1 for d in dilation))
+    )
+
+
+def _padding(x_shape, w_shape, strides, dilation, pairs):
+    """``"VALID"`` or ``"SAME"`` where ``pairs`` are exactly that rule's
+    padding, else ``"EXPLICIT"``."""
+    if all(pair == (0, 0) for pair in pairs):
+        return "VALID"
+    for size, k, s, d, pair in zip(
+        x_shape[1:-1], w_shape[:-2], strides, dilation, pairs
+    ):
+        if size is None:
+            return "EXPLICIT"
+        span = (k - 1) * d + 1
+        total = max((-(-size // s) - 1) * s + span - size, 0)
+        if pair != (total // 2, total - total // 2):
+            return "EXPLICIT"
+    return "SAME"
+
+
+def custom_gradient(forward, backward):
+    @tf.custom_gradient
+    def op(*tensors):
+        def grad(upstream):
+            return backward(upstream, *tensors, needed=(True,) * len(tensors))
+
+        return forward(*tensors), grad
+
+    return op
+
+
+def pad(x, widths):
+    return keras.ops.pad(x, widths)
+
+
+def add_bias(z, b):
+    # TensorFlow's graph optimizer fuses a BiasAdd into the convolution
+    # before it; an AddV2 it leaves as a separate pass over ``z``.
+    return tf.nn.bias_add(z, b)
+
+
+def after(x, *earlier):
+    """``x``, in a TensorFlow graph read only once ``earlier`` are computed
+    (elsewhere ``x``: eager code runs in the order it is written, and XLA
+    schedules on its own).
+
+    A TensorFlow graph runs every op as soon as its inputs exist, so a
+    backward rule's work on the layer's input alone would run during the
+    forward pass, and two rules' temporaries would live at once; this
+    orders them as eager mode would."""
+    if tf.executing_eagerly():
+        return x
+    with tf.control_dependencies(earlier):
+        return tf.identity(x)
+
+
+def shared_filter(w):
+    return w
+
+
+def runs_groups_apart(w_shape, strides, dilation, groups) -> bool:
+    # Outside its depthwise op, each group runs as its own convolution.
+    return groups > 1 and not _depthwise(w_shape, strides, dilation, groups)
+
+
+def sums_depthwise_taps() -> bool:
+    # A graph runs the taps side by side, each with its own products, and
+    # XLA took longer; one convolution per group runs fast.
+    return False
+
+
+def pads_by_copy(rank: int) -> bool:
+    # Only the 2D convolutions take explicit padding.
+    return rank != 2
+
+
+def traced_by_torch_compile() -> bool:
+    return False

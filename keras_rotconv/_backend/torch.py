@@ -1,0 +1,113 @@
+"""The backend seam on torch (see ``keras_rotconv._backend``)."""
+
+from __future__ import annotations
+
+import keras
+import torch
+import torch.nn.functional as F
+
+
+def correlate(x, w, strides, dilation, groups, pairs):
+    rank = len(strides)
+    padding = 0
+    if all(lo == hi for lo, hi in pairs):
+        # Symmetric padding the convolution adds as it reads.
+        padding = tuple(lo for lo, _ in pairs)
+    else:
+        x = pad(x, [(0, 0), *pairs, (0, 0)])
+    channels_first = (0, rank + 1, *range(1, rank + 1))
+    channels_last = (0, *range(2, rank + 2), 1)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+    out = conv(
+        x.permute(channels_first),
+        w.permute(rank + 1, rank, *range(rank)),
+        stride=strides,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
+    return out.permute(channels_last)
+
+
+def pad(x, widths):
+    # keras.ops.pad builds a Keras Operation object on every call, a side
+    # effect torch.compile refuses inside an autograd function; F.pad is the
+    # same zero padding without it. F.pad lists the last axis first.
+    x = keras.ops.convert_to_tensor(x)
+    return F.pad(x, [v for pair in reversed(widths) for v in pair])
+
+
+def custom_gradient(forward, backward):
+    def op(*tensors):
+        if not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        ):
+            # Autograd records nothing here, so there is no gradient to
+            # customize: inference, or a backward pass that is not itself
+            # differentiated.
+            return forward(*tensors)
+        return _TorchDerivedGradient.apply(forward, backward, *tensors)
+
+    return op
+
+
+class _TorchDerivedGradient(torch.autograd.Function):
+    """The derived backward pass as a torch autograd function.
+
+    Used directly rather than through ``keras.ops.custom_gradient``,
+    whose torch version swallows exceptions raised in the forward
+    function and returns NaN gradients. Defined once, at import:
+    ``torch.compile`` cannot trace a class statement, so a class made
+    per call would break the compiled graph at every layer.
+    """
+
+    @staticmethod
+    def forward(ctx, forward, backward, *tensors):
+        ctx.derived_backward = backward
+        ctx.save_for_backward(*tensors)
+        return forward(*tensors)
+
+    @staticmethod
+    def backward(ctx, upstream):
+        grads = ctx.derived_backward(
+            upstream, *ctx.saved_tensors, needed=ctx.needs_input_grad[2:]
+        )
+        return (None, None, *grads)
+
+
+def add_bias(z, b):
+    return z + b
+
+
+def after(x, *earlier):
+    # Eager code runs in the order it is written.
+    return x
+
+
+def shared_filter(w):
+    # The CPU convolution reads a filter as (C_out, *K, C_in) in memory
+    # next to a channels-last input, and 1D as (C_out, C_in, K).
+    rank = len(w.shape) - 2
+    if rank == 1:
+        memory = w.permute(2, 1, 0).contiguous()
+        return memory.permute(2, 1, 0)
+    memory = w.permute(rank + 1, *range(rank), rank).contiguous()
+    return memory.permute(*range(1, rank + 1), rank + 1, 0)
+
+
+def runs_groups_apart(w_shape, strides, dilation, groups) -> bool:
+    return False
+
+
+def sums_depthwise_taps() -> bool:
+    # A grouped convolution whose filter (the delta) is as large as the
+    # image runs slowly.
+    return True
+
+
+def pads_by_copy(rank: int) -> bool:
+    return False
+
+
+def traced_by_torch_compile() -> bool:
+    return torch.compiler.is_compiling()
