@@ -173,20 +173,53 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_explain(commands) -> None:
+    from keras_rotconv.tools import explain
+
     parser = commands.add_parser(
         "explain",
-        help="the derivation's worked example: input delta by the chain "
-        "rule and by the full convolution with the rotated kernel",
-        description="Computes the input delta of a 2x2-kernel convolution "
-        "on a 4x4 input twice, by the chain rule's sums and as the full "
-        "convolution of the output delta with the kernel rotated by 180 "
-        "degrees, and shows that they are equal.",
+        help="the derivation worked in numbers, step by step",
+        description="Works the derivation's steps on a small example: the "
+        "layer as an MLP whose transposed matrix is the rotated kernel "
+        "(mlp), the input delta by the chain rule and as the full "
+        "convolution with rot180(w) (delta), the kernel gradient as a valid "
+        "correlation (kernel), the bias gradient (bias) and two layers with "
+        "an activation (chain). Each part computes its result two ways and "
+        "with the package's own rule; exit status 1 if they disagree.",
+    )
+    parser.add_argument(
+        "--part",
+        choices=(*explain.PARTS, "all"),
+        default="all",
+        help="default: %(default)s",
+    )
+    defaults = explain.Setup()
+    parser.add_argument(
+        "--rank", type=int, choices=(1, 2), default=defaults.rank
+    )
+    parser.add_argument(
+        "--size",
+        type=_positive_int,
+        default=defaults.size,
+        help="input positions per axis (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kernel",
+        type=_positive_int,
+        default=defaults.kernel,
+        help="kernel taps per axis (default: %(default)s)",
+    )
+    for name in ("stride", "dilation"):
+        parser.add_argument(
+            f"--{name}", type=_positive_int, default=getattr(defaults, name)
+        )
+    parser.add_argument(
+        "--padding", choices=("valid", "same"), default=defaults.padding
     )
     parser.add_argument(
         "--plot",
         metavar="FILE",
-        help="also write a figure of the kernel, its rotation and the two "
-        "deltas to FILE (PNG)",
+        help="also draw each part's figure to FILE (PNG); with several "
+        "parts, to FILE's name with -<part> added",
     )
     parser.set_defaults(run=_explain)
 
@@ -194,7 +227,31 @@ def _add_explain(commands) -> None:
 def _explain(args: argparse.Namespace) -> int:
     from keras_rotconv.tools import explain
 
-    return explain.run(plot=args.plot)
+    _float64_on_jax()
+    try:
+        setup = explain.Setup(
+            rank=args.rank,
+            size=args.size,
+            kernel=args.kernel,
+            stride=args.stride,
+            dilation=args.dilation,
+            padding=args.padding,
+        )
+    except ValueError as error:
+        print(f"{PROG} explain: error: {error}", file=sys.stderr)
+        return 2
+    parts = explain.PARTS if args.part == "all" else (args.part,)
+    return explain.run(parts, setup, plot=args.plot)
+
+
+def _float64_on_jax() -> None:
+    """Without it JAX computes float64 arrays in float32."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
 
 
 def _positive_int(text: str) -> int:

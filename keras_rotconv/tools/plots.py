@@ -122,54 +122,50 @@ def _label_epochs(axes, metric: str) -> None:
     axes.grid(alpha=0.3)
 
 
-def explain_figure(
-    kernel: np.ndarray,
-    rotated: np.ndarray,
-    output_delta: np.ndarray,
-    padded_delta: np.ndarray,
-    input_delta: np.ndarray,
-    position: tuple[int, int],
+def arrays_figure(
+    panels: Sequence[tuple[str, np.ndarray, Sequence[tuple]]],
     path: str | os.PathLike,
+    title: str,
 ) -> Path:
-    """The arrays of the worked example, each cell labelled, with the window
-    of the padded delta that gives ``input_delta[position]`` outlined."""
+    """One panel per ``(title, array, outlines)``: a 1D or 2D array, each
+    cell labelled with its value where there are few enough cells, and each
+    outline ``(start, extent)`` drawn as a rectangle (a window of the
+    derivation)."""
     from matplotlib.patches import Rectangle
 
-    panels = (
-        ("kernel w", kernel),
-        ("rot180(w)", rotated),
-        ("output delta δ", output_delta),
-        ("δ padded with k-1 zeros", padded_delta),
-        ("input delta\n(δ * rot180(w))_full", input_delta),
-    )
-    figure, all_axes = _figure(ncols=len(panels), width=15, height=3.6)
-    for axes, (title, array) in zip(all_axes, panels):
-        limit = max(float(np.max(np.abs(array))), 1.0)
+    width = sum(2 + 0.35 * np.atleast_2d(a).shape[1] for _, a, _ in panels)
+    figure, all_axes = _figure(ncols=len(panels), width=width, height=4)
+    for axes, (name, array, outlines) in zip(np.atleast_1d(all_axes), panels):
+        array = np.atleast_2d(np.asarray(array, dtype=np.float64))
+        limit = max(float(np.max(np.abs(array))), 1e-12)
         axes.imshow(array, cmap="coolwarm", vmin=-limit, vmax=limit)
-        for (i, j), value in np.ndenumerate(array):
-            dark = abs(value) > 0.6 * limit
-            axes.text(
-                j,
-                i,
-                f"{value:g}",
-                ha="center",
-                va="center",
-                color="white" if dark else "black",
-            )
+        if array.size <= 200:
+            _label_cells(axes, array, limit)
         axes.set_xticks(range(array.shape[1]))
         axes.set_yticks(range(array.shape[0]))
-        axes.set_title(title)
-    i, j = position
-    rows, cols = kernel.shape
-    all_axes[3].add_patch(
-        Rectangle((j - 0.5, i - 0.5), cols, rows, fill=False, linewidth=3)
-    )
-    all_axes[4].add_patch(
-        Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, linewidth=3)
-    )
-    figure.suptitle(
-        "Input delta = full convolution of the output delta with the kernel "
-        f"rotated by 180 degrees (outlined: the window that gives "
-        f"position {i},{j})"
-    )
+        axes.tick_params(labelsize=7)
+        axes.set_title(name, fontsize=9)
+        for start, extent in outlines:
+            # A 1D window is a 2D one on the array's only row.
+            (i, j), (rows, cols) = (0, *start)[-2:], (1, *extent)[-2:]
+            axes.add_patch(
+                Rectangle(
+                    (j - 0.5, i - 0.5), cols, rows, fill=False, linewidth=3
+                )
+            )
+    figure.suptitle(title)
     return _save(figure, path)
+
+
+def _label_cells(axes, array: np.ndarray, limit: float) -> None:
+    size = 9 if array.size <= 50 else 6
+    for (i, j), value in np.ndenumerate(array):
+        axes.text(
+            j,
+            i,
+            f"{value + 0.0:.3g}",
+            ha="center",
+            va="center",
+            fontsize=size,
+            color="white" if abs(value) > 0.6 * limit else "black",
+        )
