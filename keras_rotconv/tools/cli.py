@@ -1,6 +1,6 @@
 """The ``keras-rotconv`` command (also ``python -m keras_rotconv``).
 
-    keras-rotconv verify     RotConv2D against keras.layers.Conv2D
+    keras-rotconv verify     a RotConv layer against its keras.layers twin
     keras-rotconv train      the example CNN on MNIST or Fashion-MNIST
     keras-rotconv explain    the derivation's worked example
 
@@ -52,14 +52,39 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_verify(commands) -> None:
+    from keras_rotconv.tools import verify
+
     parser = commands.add_parser(
         "verify",
-        help="compare RotConv2D with keras.layers.Conv2D over a grid of "
-        "configurations",
+        help="compare RotConv2D (or another RotConv layer) with its "
+        "keras.layers twin over a grid of configurations",
         description="Compares the outputs and gradients (dx, dw, db) of "
-        "RotConv2D with those of keras.layers.Conv2D, same weights and "
-        "inputs, over a built-in grid of configurations. Exits with status "
-        "1 if any configuration disagrees.",
+        "RotConv2D (or the layer --rank or --layer names) with those of the "
+        "built-in Keras layer, same weights and inputs, over a built-in "
+        "grid of configurations. Exits with status 1 if any configuration "
+        "disagrees.",
+    )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        choices=(1, 2, 3),
+        help="verify RotConv<rank>D (default: 2)",
+    )
+    parser.add_argument(
+        "--layer",
+        choices=verify.layer_names(),
+        help="verify this keras_rotconv layer",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=verify.DTYPES,
+        help="run every configuration in this dtype (default: the grid's "
+        "own mix of float32 and float64)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the table to FILE as JSON",
     )
     parser.set_defaults(run=_verify)
 
@@ -80,7 +105,11 @@ def _verify(args: argparse.Namespace) -> int:
 
         # Without it JAX computes the float64 configurations in float32.
         jax.config.update("jax_enable_x64", True)
-    return verify.run()
+    try:
+        layer_class, cases = verify.select(args.rank, args.layer, args.dtype)
+    except ValueError as error:
+        return _fail(str(error))
+    return verify.run(cases, layer_class, json_path=args.json)
 
 
 def _add_train(commands) -> None:
