@@ -194,7 +194,13 @@ def links(setup: Setup):
 def dense_matrix(w: np.ndarray, setup: Setup) -> np.ndarray:
     """The MLP the layer is: ``W[p, q] = w[k]`` where output ``p`` reads input
     ``q`` through tap ``k``, 0 where the connection is cut. Rows and columns
-    run over positions row by row."""
+    run over positions row by row.
+
+    >>> dense_matrix(np.array([1.0, 2.0]), Setup(rank=1, size=4))
+    array([[1., 2., 0., 0.],
+           [0., 1., 2., 0.],
+           [0., 0., 1., 2.]])
+    """
     outputs, inputs = setup.shape(setup.out), setup.shape(setup.size)
     matrix = np.zeros((math.prod(outputs), math.prod(inputs)))
     for p, k, q in links(setup):
@@ -259,7 +265,15 @@ def full_convolution_rotated(
     """Spread ``δ``, pad it with ``span - 1`` zeros on every side, slide
     ``rot180(w)`` over it at the layer's dilation. Position ``u`` of the
     result is padded input position ``u``; the forward padding is cropped
-    off, and padded positions no window reached get 0."""
+    off, and padded positions no window reached get 0.
+
+    The ``Wᵀ·δ`` of ``dense_matrix``'s example, as a convolution:
+
+    >>> delta, w = np.array([1.0, -1.0, 2.0]), np.array([1.0, 2.0])
+    >>> full = full_convolution_rotated(delta, w, Setup(rank=1, size=4))
+    >>> full.padded, full.rotated, full.result
+    (array([ 0.,  1., -1.,  2.,  0.]), array([2., 1.]), array([1., 1., 0., 4.]))
+    """
     spread_delta = spread(delta, setup.stride)
     padded = np.pad(spread_delta, setup.span - 1)
     rotated = np.flip(w)

@@ -214,7 +214,12 @@ def select(
     """The layer class and the cases ``verify`` runs: ``layer`` by name,
     else ``RotConv<rank>D`` (default 2D); every case in ``dtype`` if given.
     Raises ``ValueError`` for a layer without a grid or a rank that
-    contradicts the layer."""
+    contradicts the layer.
+
+    >>> layer_class, cases = select(rank=1, dtype="float64")
+    >>> layer_class.__name__, {case.dtype for case in cases}
+    ('RotConv1D', {'float64'})
+    """
     name = layer or f"RotConv{rank or 2}D"
     if name not in layer_names():
         raise ValueError(
