@@ -33,6 +33,13 @@ SETUPS = {
 }
 
 
+only_once = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the figures are drawn by matplotlib from NumPy arrays, the same "
+    "on every backend: drawn under TensorFlow only",
+)
+
+
 def relative_error(actual, expected) -> float:
     expected = np.asarray(expected)
     scale = float(np.max(np.abs(expected))) or 1.0
@@ -209,11 +216,7 @@ def test_impossible_layers_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="the figures are drawn by matplotlib from NumPy arrays, the same "
-    "on every backend: drawn under TensorFlow only",
-)
+@only_once
 def test_plot_writes_one_figure_per_part(tmp_path, capsys):
     figure = tmp_path / "explain.png"
     assert cli.main(["explain", "--rank", "1", "--plot", str(figure)]) == 0
@@ -225,3 +228,12 @@ def test_plot_writes_one_figure_per_part(tmp_path, capsys):
     assert cli.main(["explain", "--part", "mlp", "--plot", str(figure)]) == 0
     assert_png(figure)
     assert f"Figure written to {figure}\n" in capsys.readouterr().out
+
+
+@only_once
+def test_a_plot_path_without_suffix_prints_the_file_written(tmp_path, capsys):
+    figure = tmp_path / "x"
+    assert cli.main(["explain", "--part", "bias", "--plot", str(figure)]) == 0
+    assert_png(tmp_path / "x.png")
+    out = capsys.readouterr().out
+    assert f"Figure written to {figure}.png\n" in out

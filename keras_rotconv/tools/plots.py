@@ -22,7 +22,11 @@ def _figure(*, ncols: int, width: float, height: float):
 
 
 def _save(figure, path: str | os.PathLike) -> Path:
+    """Saves ``figure`` as a PNG; returns the file written, which gains a
+    ``.png`` suffix if ``path`` has none (as matplotlib adds one)."""
     path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     return path
