@@ -2,7 +2,7 @@
 
     keras-rotconv verify     a RotConv layer against its keras.layers twin
     keras-rotconv train      the example CNN on MNIST or Fashion-MNIST
-    keras-rotconv explain    the derivation's worked example
+    keras-rotconv explain    the derivation's steps, worked in numbers
 
 Each subcommand is one ``_add_<name>`` function that declares its arguments
 and one ``_<name>`` function that runs it and returns the exit status.

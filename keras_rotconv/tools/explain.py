@@ -422,26 +422,20 @@ def _side_by_side(out: TextIO, arrays: dict) -> None:
         )
 
 
-def _show_matrix(out: TextIO, title, matrix, rows: str, columns: str, setup):
-    """A dense matrix with its rows and columns labelled by position."""
-    row_positions = list(np.ndindex(*_grid(matrix.shape[0], setup)))
-    column_positions = list(np.ndindex(*_grid(matrix.shape[1], setup)))
-    labels = [f"{rows}[{_index(p)}]" for p in row_positions]
-    heads = [_index(q) for q in column_positions]
+def _show_matrix(out: TextIO, title, matrix, rows: tuple, columns: tuple):
+    """A dense matrix with its rows and columns labelled by position;
+    ``rows`` and ``columns`` are ``(name, grid shape)``."""
+    labels = [f"{rows[0]}[{_index(p)}]" for p in np.ndindex(*rows[1])]
+    heads = [_index(q) for q in np.ndindex(*columns[1])]
     cells = [[_number(v) for v in row] for row in matrix]
     width = max(len(c) for c in heads + [c for row in cells for c in row])
     label_width = max(len(label) for label in labels)
     print(f"{title}:", file=out)
     head = " ".join(f"{h:>{width}}" for h in heads)
-    print(f"  {columns + ':':>{label_width}} {head}", file=out)
+    print(f"  {columns[0] + ':':>{label_width}} {head}", file=out)
     for label, row in zip(labels, cells):
         line = " ".join(f"{c:>{width}}" for c in row)
         print(f"  {label:>{label_width}} {line}", file=out)
-
-
-def _grid(count: int, setup: Setup) -> tuple[int, ...]:
-    """The positions a flattened axis of ``count`` entries stands for."""
-    return setup.shape(round(count ** (1 / setup.rank)))
 
 
 def _relative_difference(actual, expected) -> float:
@@ -509,7 +503,8 @@ def part_mlp(setup: Setup, out: TextIO) -> Part:
         "cut (0). So z = W·a with the dense matrix W:",
         file=out,
     )
-    _show_matrix(out, "W", matrix, "z", "a", setup)
+    outputs, inputs = setup.shape(setup.out), setup.shape(setup.size)
+    _show_matrix(out, "W", matrix, ("z", outputs), ("a", inputs))
     counts = ", ".join(
         f"w[{_index(k)}] {np.count_nonzero(matrix == w[k])}x"
         for k in np.ndindex(*w.shape)
@@ -544,7 +539,8 @@ def _mlp_backward(out: TextIO, setup: Setup, matrix: np.ndarray):
         "along the connections its output came in on:",
         file=out,
     )
-    _show_matrix(out, "Wᵀ", matrix.T, "a", "δ", setup)
+    outputs, inputs = setup.shape(setup.out), setup.shape(setup.size)
+    _show_matrix(out, "Wᵀ", matrix.T, ("a", inputs), ("δ", outputs))
     q = _shown_position(setup)
     row = matrix.T[np.ravel_multi_index(q, setup.shape(setup.size))]
     row = row.reshape(setup.shape(setup.out))
