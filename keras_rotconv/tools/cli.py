@@ -239,7 +239,11 @@ def _add_explain(commands) -> None:
     )
     for name in ("stride", "dilation"):
         parser.add_argument(
-            f"--{name}", type=_positive_int, default=getattr(defaults, name)
+            f"--{name}",
+            type=_positive_int,
+            default=getattr(defaults, name),
+            help="default: %(default)s (a stride and a dilation above 1 "
+            "together are refused, as Keras refuses them)",
         )
     parser.add_argument(
         "--padding", choices=("valid", "same"), default=defaults.padding
