@@ -6,11 +6,10 @@ replaces (``keras.layers.Conv2D``), with the same arguments and the same
 weights, see the same input. Their outputs ``y`` and their gradients
 ``dx``, ``dw``, ``db`` of ``sum(y * u)`` (``u`` a random upstream
 gradient, so that every output position carries its own weight) are
-compared. The built-in layer is
-differentiated by the backend's own automatic differentiation (on
-TensorFlow, its convolution-gradient kernels), an implementation independent
-of the derivation, which makes it the oracle. Whichever backend
-``KERAS_BACKEND`` selects is the one verified.
+compared. The built-in layer is differentiated by the backend's own
+automatic differentiation (on TensorFlow, its convolution-gradient kernels),
+an implementation independent of the derivation, which makes it the oracle.
+Whichever backend ``KERAS_BACKEND`` selects is the one verified.
 
 TensorFlow's CPU convolution supports only channels-last, so for
 ``channels_first`` the oracle is the channels-last layer applied between two
