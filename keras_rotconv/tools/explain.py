@@ -766,7 +766,7 @@ def part_kernel(setup: Setup, out: TextIO) -> Part:
     panels = (
         ("input a (padded)", padded, ((start, spread_delta.shape),)),
         ("δ (spread)", spread_delta, ()),
-        ("dC/dw: a correlated with δ", by_correlation, ((k, (1,) * len(k)),)),
+        ("dC/dw = a corr δ", by_correlation, ((k, (1,) * len(k)),)),
     )
     return Part(
         agree, "Kernel gradient = valid correlation of a_prev with δ", panels
@@ -1024,8 +1024,8 @@ def part_chain(setup: Setup, out: TextIO) -> Part:
         ("(δ2 * rot180(w2))_full", values["dC/da1"], ()),
         ("tanh'(z1)", tanh_derivative(values["z1"]), ()),
         ("δ1 = product of the two", values["δ1"], ()),
-        ("dC/dw1: a0 correlated with δ1", values["dC/dw1"], ()),
-        ("dC/dw2: a1 correlated with δ2", values["dC/dw2"], ()),
+        ("dC/dw1 = a0 corr δ1", values["dC/dw1"], ()),
+        ("dC/dw2 = a1 corr δ2", values["dC/dw2"], ()),
     )
     return Part(agree, "Backpropagation through two layers and tanh", panels)
 

@@ -135,11 +135,19 @@ def arrays_figure(
     cell labelled with its value where there are few enough cells, and each
     outline ``(start, extent)`` drawn as a rectangle (a window of the
     derivation)."""
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    width = sum(2 + 0.35 * np.atleast_2d(a).shape[1] for _, a, _ in panels)
-    figure, all_axes = _figure(ncols=len(panels), width=width, height=4)
-    for axes, (name, array, outlines) in zip(np.atleast_1d(all_axes), panels):
+    # Each panel as wide as its array, so that cells are the same size in
+    # every panel (a 9x16 matrix beside a 2x2 kernel).
+    # (At least 4 columns wide: room for the panel's title.)
+    columns = [max(np.atleast_2d(a).shape[1], 4) for _, a, _ in panels]
+    width = 1 + 0.45 * sum(columns) + 0.4 * len(panels)
+    figure = Figure(figsize=(width, 4.5), layout="constrained")
+    all_axes = figure.subplots(
+        1, len(panels), gridspec_kw={"width_ratios": columns}, squeeze=False
+    )[0]
+    for axes, (name, array, outlines) in zip(all_axes, panels):
         array = np.atleast_2d(np.asarray(array, dtype=np.float64))
         limit = max(float(np.max(np.abs(array))), 1e-12)
         axes.imshow(array, cmap="coolwarm", vmin=-limit, vmax=limit)
