@@ -24,10 +24,53 @@ except ImportError:
 
 import keras
 import numpy as np
+from hypothesis import settings
 
 from keras_rotconv import RotConv1D, RotConv2D, RotConv3D, reference
 
 BACKEND = keras.backend.backend()
+
+# In CI every hypothesis test draws the same examples on every run, so that
+# a run cannot fail by the draw; elsewhere each run draws afresh.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("dev")
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def _cpu():
+    """The CPU's model name and the ISA flags that decide TensorFlow's
+    default oneDNN setting, from /proc/cpuinfo (Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU", set()
+    model, flags = "unknown CPU", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown CPU":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def pytest_report_header(config):
+    """Where a run ran: the CPU, its flags, and oneDNN's setting, which
+    changes TensorFlow's and torch's CPU convolutions (and their bugs)."""
+    model, flags = _cpu()
+    wanted = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    present = [flag for flag in wanted if flag in flags] or ["none of"]
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if setting is None:
+        default = {"avx512_vnni", "avx512_bf16", "amx_tile"} & flags
+        setting = f"unset (TensorFlow's default: {'on' if default else 'off'})"
+    return [
+        f"keras_rotconv: backend {BACKEND}, keras {keras.__version__}",
+        f"CPU: {model}; flags: {' '.join(present)} ({', '.join(wanted)})",
+        f"TF_ENABLE_ONEDNN_OPTS: {setting}; hypothesis profile: "
+        f"{settings.get_current_profile_name()}",
+    ]
+
 
 # Each RotConv layer and the built-in layer it replaces, by number of
 # spatial axes.
@@ -80,7 +123,11 @@ def assert_close(actual, expected, rtol, what):
     assert error <= rtol, f"{what}: relative error {error:.3e} > {rtol:.0e}"
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, config):
+    # Also at the end: the header is not printed under -q.
+    terminalreporter.section("where this ran")
+    for line in pytest_report_header(config):
+        terminalreporter.write_line(line)
     if not _LARGEST_ERRORS:
         return
     terminalreporter.section(

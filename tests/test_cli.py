@@ -1,7 +1,7 @@
-"""The ``keras-rotconv`` command: verify, explain, and argument handling.
+"""The ``keras-rotconv`` command: verify and argument handling.
 
 None of these tests needs data or network; the training runs on real MNIST
-are in test_mnist.py.
+are in test_mnist.py, and ``explain`` is tested in test_explain.py.
 """
 
 import importlib
@@ -11,31 +11,13 @@ import sys
 from pathlib import Path
 
 import keras
-import numpy as np
 import pytest
 from keras import ops
 
 from keras_rotconv import ops as rotconv_ops
-from keras_rotconv import reference
-from keras_rotconv.tools import cli, explain, verify
+from keras_rotconv.tools import cli, verify
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# The worked example's sums have a handful of terms; float64 rounding of
-# them is ~1e-16 relative.
-FLOAT64_RTOL = 1e-10
-
-
-def assert_png(path: Path) -> None:
-    assert path.is_file(), f"{path} was not written"
-    content = path.read_bytes()
-    assert content.startswith(b"\x89PNG\r\n\x1a\n"), f"{path} is not a PNG"
-    assert len(content) > 1000, f"{path} is only {len(content)} bytes"
-
-
-def relative_error(actual, expected) -> float:
-    scale = np.max(np.abs(expected))
-    return float(np.max(np.abs(np.asarray(actual) - expected)) / scale)
 
 
 def test_verify_passes_on_every_configuration(capsys):
@@ -116,49 +98,6 @@ def test_verify_names_the_broken_gradient(monkeypatch, rule, broken, quantity):
             f"{result.case.name}: expected only {quantity} to fail, "
             f"errors {result.errors}"
         )
-
-
-def test_explain_shows_equal_deltas_and_writes_the_figure(tmp_path, capsys):
-    figure = tmp_path / "explain.png"
-    assert cli.main(["explain", "--plot", str(figure)]) == 0
-    out = capsys.readouterr().out
-    assert "They are equal." in out
-    assert "dC/da[1,1] = δ[0,0]·w[1,1] + δ[0,1]·w[1,0]" in out
-    assert_png(figure)
-
-
-def test_explain_sums_and_full_convolution_match_the_reference():
-    rng = np.random.default_rng(3)
-    delta = rng.standard_normal((4, 5))
-    w = rng.standard_normal((3, 2))
-    by_terms, terms = explain.chain_rule_sums(delta, w)
-    by_conv, _, _ = explain.full_convolution_rotated(delta, w)
-    expected = reference.input_gradient(
-        delta[None, :, :, None],
-        w[:, :, None, None],
-        (1, 6, 6, 1),
-        strides=(1, 1),
-        dilation=(1, 1),
-        padding="valid",
-    )[0, :, :, 0]
-    assert relative_error(by_terms, expected) <= FLOAT64_RTOL
-    assert relative_error(by_conv, expected) <= FLOAT64_RTOL
-    assert relative_error(explain.layer_rule(delta, w), expected) <= (
-        FLOAT64_RTOL
-    )
-    # Every (output position, tap) pair lands on exactly one input position.
-    assert sum(len(t) for t in terms.values()) == delta.size * w.size
-
-
-def test_explain_exits_1_when_the_computations_disagree(monkeypatch, capsys):
-    original = explain.full_convolution_rotated
-
-    def without_rotation(delta, w):
-        return original(delta, w[::-1, ::-1])
-
-    monkeypatch.setattr(explain, "full_convolution_rotated", without_rotation)
-    assert explain.run() == 1
-    assert "DIFFER" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 """The ``keras-rotconv`` command (also ``python -m keras_rotconv``).
 
-    keras-rotconv verify     RotConv2D against keras.layers.Conv2D
+    keras-rotconv verify     a RotConv layer against its keras.layers twin
     keras-rotconv train      the example CNN on MNIST or Fashion-MNIST
-    keras-rotconv explain    the derivation's worked example
+    keras-rotconv explain    the derivation's steps, worked in numbers
 
 Each subcommand is one ``_add_<name>`` function that declares its arguments
 and one ``_<name>`` function that runs it and returns the exit status.
@@ -52,14 +52,39 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_verify(commands) -> None:
+    from keras_rotconv.tools import verify
+
     parser = commands.add_parser(
         "verify",
-        help="compare RotConv2D with keras.layers.Conv2D over a grid of "
-        "configurations",
+        help="compare RotConv2D (or another RotConv layer) with its "
+        "keras.layers twin over a grid of configurations",
         description="Compares the outputs and gradients (dx, dw, db) of "
-        "RotConv2D with those of keras.layers.Conv2D, same weights and "
-        "inputs, over a built-in grid of configurations. Exits with status "
-        "1 if any configuration disagrees.",
+        "RotConv2D (or the layer --rank or --layer names) with those of the "
+        "built-in Keras layer, same weights and inputs, over a built-in "
+        "grid of configurations. Exits with status 1 if any configuration "
+        "disagrees.",
+    )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        choices=(1, 2, 3),
+        help="verify RotConv<rank>D (default: 2)",
+    )
+    parser.add_argument(
+        "--layer",
+        choices=verify.layer_names(),
+        help="verify this keras_rotconv layer",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=verify.DTYPES,
+        help="run every configuration in this dtype (default: the grid's "
+        "own mix of float32 and float64)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the table to FILE as JSON",
     )
     parser.add_argument(
         "--textbook",
@@ -87,7 +112,13 @@ def _verify(args: argparse.Namespace) -> int:
 
         # Without it JAX computes the float64 configurations in float32.
         jax.config.update("jax_enable_x64", True)
-    return verify.run(textbook=args.textbook)
+    try:
+        layer_class, cases = verify.select(args.rank, args.layer, args.dtype)
+    except ValueError as error:
+        return _fail(str(error))
+    return verify.run(
+        cases, layer_class, json_path=args.json, textbook=args.textbook
+    )
 
 
 def _add_train(commands) -> None:
@@ -180,20 +211,57 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_explain(commands) -> None:
+    from keras_rotconv.tools import explain
+
     parser = commands.add_parser(
         "explain",
-        help="the derivation's worked example: input delta by the chain "
-        "rule and by the full convolution with the rotated kernel",
-        description="Computes the input delta of a 2x2-kernel convolution "
-        "on a 4x4 input twice, by the chain rule's sums and as the full "
-        "convolution of the output delta with the kernel rotated by 180 "
-        "degrees, and shows that they are equal.",
+        help="the derivation worked in numbers, step by step",
+        description="Works the derivation's steps on a small example: the "
+        "layer as an MLP whose transposed matrix is the rotated kernel "
+        "(mlp), the input delta by the chain rule and as the full "
+        "convolution with rot180(w) (delta), the kernel gradient as a valid "
+        "correlation (kernel), the bias gradient (bias) and two layers with "
+        "an activation (chain). Each part computes its result two ways and "
+        "with the package's own rule; exit status 1 if they disagree.",
+    )
+    parser.add_argument(
+        "--part",
+        choices=(*explain.PARTS, "all"),
+        default="all",
+        help="default: %(default)s",
+    )
+    defaults = explain.Setup()
+    parser.add_argument(
+        "--rank", type=int, choices=(1, 2), default=defaults.rank
+    )
+    parser.add_argument(
+        "--size",
+        type=_positive_int,
+        default=defaults.size,
+        help="input positions per axis (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kernel",
+        type=_positive_int,
+        default=defaults.kernel,
+        help="kernel taps per axis (default: %(default)s)",
+    )
+    for name in ("stride", "dilation"):
+        parser.add_argument(
+            f"--{name}",
+            type=_positive_int,
+            default=getattr(defaults, name),
+            help="default: %(default)s (a stride and a dilation above 1 "
+            "together are refused, as Keras refuses them)",
+        )
+    parser.add_argument(
+        "--padding", choices=("valid", "same"), default=defaults.padding
     )
     parser.add_argument(
         "--plot",
         metavar="FILE",
-        help="also write a figure of the kernel, its rotation and the two "
-        "deltas to FILE (PNG)",
+        help="also draw each part's figure to FILE (PNG); with several "
+        "parts, to FILE's name with -<part> added",
     )
     parser.set_defaults(run=_explain)
 
@@ -201,7 +269,31 @@ def _add_explain(commands) -> None:
 def _explain(args: argparse.Namespace) -> int:
     from keras_rotconv.tools import explain
 
-    return explain.run(plot=args.plot)
+    _float64_on_jax()
+    try:
+        setup = explain.Setup(
+            rank=args.rank,
+            size=args.size,
+            kernel=args.kernel,
+            stride=args.stride,
+            dilation=args.dilation,
+            padding=args.padding,
+        )
+    except ValueError as error:
+        print(f"{PROG} explain: error: {error}", file=sys.stderr)
+        return 2
+    parts = explain.PARTS if args.part == "all" else (args.part,)
+    return explain.run(parts, setup, plot=args.plot)
+
+
+def _float64_on_jax() -> None:
+    """Without it JAX computes float64 arrays in float32."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
 
 
 def _positive_int(text: str) -> int:

@@ -22,7 +22,11 @@ def _figure(*, ncols: int, width: float, height: float):
 
 
 def _save(figure, path: str | os.PathLike) -> Path:
+    """Saves ``figure`` as a PNG; returns the file written, which gains a
+    ``.png`` suffix if ``path`` has none (as matplotlib adds one)."""
     path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     return path
@@ -122,54 +126,58 @@ def _label_epochs(axes, metric: str) -> None:
     axes.grid(alpha=0.3)
 
 
-def explain_figure(
-    kernel: np.ndarray,
-    rotated: np.ndarray,
-    output_delta: np.ndarray,
-    padded_delta: np.ndarray,
-    input_delta: np.ndarray,
-    position: tuple[int, int],
+def arrays_figure(
+    panels: Sequence[tuple[str, np.ndarray, Sequence[tuple]]],
     path: str | os.PathLike,
+    title: str,
 ) -> Path:
-    """The arrays of the worked example, each cell labelled, with the window
-    of the padded delta that gives ``input_delta[position]`` outlined."""
+    """One panel per ``(title, array, outlines)``: a 1D or 2D array, each
+    cell labelled with its value where there are few enough cells, and each
+    outline ``(start, extent)`` drawn as a rectangle (a window of the
+    derivation)."""
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    panels = (
-        ("kernel w", kernel),
-        ("rot180(w)", rotated),
-        ("output delta δ", output_delta),
-        ("δ padded with k-1 zeros", padded_delta),
-        ("input delta\n(δ * rot180(w))_full", input_delta),
-    )
-    figure, all_axes = _figure(ncols=len(panels), width=15, height=3.6)
-    for axes, (title, array) in zip(all_axes, panels):
-        limit = max(float(np.max(np.abs(array))), 1.0)
+    # Each panel as wide as its array, so that cells are the same size in
+    # every panel (a 9x16 matrix beside a 2x2 kernel).
+    # (At least 4 columns wide: room for the panel's title.)
+    columns = [max(np.atleast_2d(a).shape[1], 4) for _, a, _ in panels]
+    width = 1 + 0.45 * sum(columns) + 0.4 * len(panels)
+    figure = Figure(figsize=(width, 4.5), layout="constrained")
+    all_axes = figure.subplots(
+        1, len(panels), gridspec_kw={"width_ratios": columns}, squeeze=False
+    )[0]
+    for axes, (name, array, outlines) in zip(all_axes, panels):
+        array = np.atleast_2d(np.asarray(array, dtype=np.float64))
+        limit = max(float(np.max(np.abs(array))), 1e-12)
         axes.imshow(array, cmap="coolwarm", vmin=-limit, vmax=limit)
-        for (i, j), value in np.ndenumerate(array):
-            dark = abs(value) > 0.6 * limit
-            axes.text(
-                j,
-                i,
-                f"{value:g}",
-                ha="center",
-                va="center",
-                color="white" if dark else "black",
-            )
+        if array.size <= 200:
+            _label_cells(axes, array, limit)
         axes.set_xticks(range(array.shape[1]))
         axes.set_yticks(range(array.shape[0]))
-        axes.set_title(title)
-    i, j = position
-    rows, cols = kernel.shape
-    all_axes[3].add_patch(
-        Rectangle((j - 0.5, i - 0.5), cols, rows, fill=False, linewidth=3)
-    )
-    all_axes[4].add_patch(
-        Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, linewidth=3)
-    )
-    figure.suptitle(
-        "Input delta = full convolution of the output delta with the kernel "
-        f"rotated by 180 degrees (outlined: the window that gives "
-        f"position {i},{j})"
-    )
+        axes.tick_params(labelsize=7)
+        axes.set_title(name, fontsize=9)
+        for start, extent in outlines:
+            # A 1D window is a 2D one on the array's only row.
+            (i, j), (rows, cols) = (0, *start)[-2:], (1, *extent)[-2:]
+            axes.add_patch(
+                Rectangle(
+                    (j - 0.5, i - 0.5), cols, rows, fill=False, linewidth=3
+                )
+            )
+    figure.suptitle(title)
     return _save(figure, path)
+
+
+def _label_cells(axes, array: np.ndarray, limit: float) -> None:
+    size = 9 if array.size <= 50 else 6
+    for (i, j), value in np.ndenumerate(array):
+        axes.text(
+            j,
+            i,
+            f"{value + 0.0:.3g}",
+            ha="center",
+            va="center",
+            fontsize=size,
+            color="white" if abs(value) > 0.6 * limit else "black",
+        )

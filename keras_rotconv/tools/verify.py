@@ -1,17 +1,18 @@
-"""``keras-rotconv verify``: RotConv2D against Keras's own Conv2D.
+"""``keras-rotconv verify``: a RotConv layer against Keras's own layer.
 
-For each configuration of a built-in grid, a RotConv2D and a
-``keras.layers.Conv2D`` with the same arguments and the same weights see the
-same input. Their outputs ``y`` and their gradients ``dx``, ``dw``, ``db`` of
-``sum(y * u)`` (``u`` a random upstream gradient, so that every output
-position carries its own weight) are compared. The built-in layer is
-differentiated by the backend's own automatic differentiation (on
-TensorFlow, its convolution-gradient kernels), an implementation independent
-of the derivation, which makes it the oracle. Whichever backend
-``KERAS_BACKEND`` selects is the one verified.
+For each configuration of a built-in grid, a RotConv layer (RotConv2D unless
+``--rank`` or ``--layer`` says otherwise) and the built-in layer it
+replaces (``keras.layers.Conv2D``), with the same arguments and the same
+weights, see the same input. Their outputs ``y`` and their gradients
+``dx``, ``dw``, ``db`` of ``sum(y * u)`` (``u`` a random upstream
+gradient, so that every output position carries its own weight) are
+compared. The built-in layer is differentiated by the backend's own
+automatic differentiation (on TensorFlow, its convolution-gradient kernels),
+an implementation independent of the derivation, which makes it the oracle.
+Whichever backend ``KERAS_BACKEND`` selects is the one verified.
 
 TensorFlow's CPU convolution supports only channels-last, so for
-``channels_first`` the oracle is the channels-last Conv2D applied between two
+``channels_first`` the oracle is the channels-last layer applied between two
 transposes.
 
 On a GPU, float32 convolutions may run in TF32 (10 mantissa bits), which
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -34,6 +37,7 @@ import keras
 import numpy as np
 from keras import ops
 
+import keras_rotconv
 from keras_rotconv.layers import RotConv2D
 
 # Largest error relative to the oracle's largest magnitude. float64 leaves
@@ -46,7 +50,8 @@ QUANTITIES = ("y", "dx", "dw", "db")
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One layer configuration: Conv2D arguments plus the input it sees."""
+    """One layer configuration: the layer's arguments plus the input it
+    sees. The tuples have one entry per spatial axis (2D by default)."""
 
     kernel_size: tuple[int, int] = (3, 3)
     strides: tuple[int, int] = (1, 1)
@@ -60,6 +65,22 @@ class Case:
     channels: int = 4
     filters: int = 6
     batch: int = 2
+
+    @classmethod
+    def of(cls, rank: int, **fields) -> Case:
+        """A case of ``rank`` spatial axes, an int standing for the same
+        value on every axis."""
+        for name in ("kernel_size", "strides", "dilation_rate", "spatial"):
+            # The 2D defaults hold one value on both axes.
+            value = fields.get(name, getattr(cls, name)[0])
+            if isinstance(value, int):
+                value = (value,) * rank
+            fields[name] = value
+        return cls(**fields)
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel_size)
 
     @property
     def name(self) -> str:
@@ -120,6 +141,104 @@ GRID: tuple[Case, ...] = (
     Case(dtype="float64", data_format="channels_first", padding="same"),
 )
 
+# 1D adds "causal" padding; 3D inputs stay small, each case costing about
+# what a 2D one does.
+GRID_1D: tuple[Case, ...] = tuple(
+    Case.of(1, **{"spatial": 12, **fields})
+    for fields in (
+        dict(kernel_size=1),
+        dict(kernel_size=2),
+        dict(),
+        dict(kernel_size=5, padding="same"),
+        dict(padding="causal"),
+        dict(kernel_size=2, dilation_rate=2, padding="causal"),
+        dict(strides=2),
+        dict(strides=3, padding="same"),
+        dict(dilation_rate=2, padding="same"),
+        dict(groups=2),
+        dict(data_format="channels_first", strides=2, padding="same"),
+        dict(use_bias=False),
+        dict(dtype="float64", strides=2, padding="same"),
+        dict(dtype="float64", dilation_rate=2, groups=2, padding="causal"),
+    )
+)
+GRID_3D: tuple[Case, ...] = tuple(
+    Case.of(3, **{"spatial": 6, "channels": 3, "filters": 4, **fields})
+    for fields in (
+        dict(kernel_size=1),
+        dict(kernel_size=2),
+        dict(),
+        dict(padding="same"),
+        dict(kernel_size=(3, 1, 2), padding="same"),
+        dict(strides=2, padding="same", spatial=(7, 6, 5)),
+        dict(dilation_rate=2),
+        dict(groups=3, filters=6),
+        dict(data_format="channels_first", padding="same"),
+        dict(dtype="float64", strides=2, padding="same"),
+        dict(dtype="float64", dilation_rate=(2, 1, 1), padding="same"),
+    )
+)
+
+# The grid of each RotConv layer, by class name. A layer joins ``verify``
+# with an entry here; its oracle is the built-in layer of ``ORACLES``.
+GRIDS: dict[str, tuple[Case, ...]] = {
+    "RotConv1D": GRID_1D,
+    "RotConv2D": GRID,
+    "RotConv3D": GRID_3D,
+}
+ORACLES: dict[str, type] = {
+    "RotConv1D": keras.layers.Conv1D,
+    "RotConv2D": keras.layers.Conv2D,
+    "RotConv3D": keras.layers.Conv3D,
+}
+DTYPES = tuple(TOLERANCE)
+
+
+def layer_names() -> list[str]:
+    """The RotConv layer classes that ``keras_rotconv`` exports."""
+    return [
+        name
+        for name in keras_rotconv.__all__
+        if name.startswith("Rot")
+        and isinstance(getattr(keras_rotconv, name), type)
+        and issubclass(getattr(keras_rotconv, name), keras.layers.Layer)
+    ]
+
+
+def select(
+    rank: int | None = None,
+    layer: str | None = None,
+    dtype: str | None = None,
+) -> tuple[type, tuple[Case, ...]]:
+    """The layer class and the cases ``verify`` runs: ``layer`` by name,
+    else ``RotConv<rank>D`` (default 2D); every case in ``dtype`` if given.
+    Raises ``ValueError`` for a layer without a grid or a rank that
+    contradicts the layer.
+
+    >>> layer_class, cases = select(rank=1, dtype="float64")
+    >>> layer_class.__name__, {case.dtype for case in cases}
+    ('RotConv1D', {'float64'})
+    """
+    name = layer or f"RotConv{rank or 2}D"
+    if name not in layer_names():
+        raise ValueError(
+            f"keras_rotconv has no layer {name}; it has "
+            f"{', '.join(layer_names())}"
+        )
+    if name not in GRIDS:
+        raise ValueError(f"verify has no grid of configurations for {name}")
+    cases = GRIDS[name]
+    if rank is not None and cases[0].rank != rank:
+        raise ValueError(
+            f"{name} has {cases[0].rank} spatial axes, not --rank {rank}"
+        )
+    if dtype is not None:
+        if dtype not in TOLERANCE:
+            raise ValueError(f"dtype must be one of {DTYPES}")
+        converted = (dataclasses.replace(c, dtype=dtype) for c in cases)
+        cases = tuple(dict.fromkeys(converted))
+    return getattr(keras_rotconv, name), cases
+
 
 @dataclasses.dataclass(frozen=True)
 class Result:
@@ -142,14 +261,14 @@ class Result:
 
 
 def check(case: Case, layer_class: type = RotConv2D, seed: int = 0) -> Result:
-    """Runs ``case`` through ``layer_class`` and the built-in Conv2D."""
+    """Runs ``case`` through ``layer_class`` and its built-in twin."""
     rng = np.random.default_rng(seed)
     shape = (case.batch, *case.spatial, case.channels)
     if case.data_format == "channels_first":
         shape = (case.batch, case.channels, *case.spatial)
     x = rng.standard_normal(shape).astype(case.dtype)
 
-    oracle = keras.layers.Conv2D(**case.layer_kwargs())
+    oracle = _oracle_class(layer_class)(**case.layer_kwargs())
     layer = layer_class(**case.layer_kwargs(), data_format=case.data_format)
     oracle.build(_channels_last_shape(shape, case.data_format))
     layer.build(shape)
@@ -172,30 +291,35 @@ def run(
     cases: Sequence[Case] = GRID,
     layer_class: type = RotConv2D,
     file: TextIO | None = None,
+    json_path: str | os.PathLike | None = None,
     textbook: bool = False,
 ) -> int:
     """Prints the comparison table; returns the exit status, 1 on any
-    mismatch. ``textbook``: the backward pass runs the rules of
+    mismatch. With ``json_path``, also writes the table there as JSON.
+    ``textbook``: the backward pass runs the rules of
     ``keras_rotconv.rules`` only (``keras_rotconv.textbook_rules()``)."""
     if textbook:
         from keras_rotconv.ops import textbook_rules
 
         with textbook_rules():
-            return run(cases, layer_class, file)
+            return run(cases, layer_class, file, json_path)
     file = file or sys.stdout
     width = max(len(c.name) for c in cases)
     header = f"{'configuration':<{width}}  " + "".join(
         f"{q:>9}" for q in QUANTITIES
     )
     print(
-        f"{layer_class.__name__} against keras.layers.Conv2D: largest "
+        f"{layer_class.__name__} against keras.layers."
+        f"{_oracle_class(layer_class).__name__}: largest "
         "error relative to the largest oracle value",
         file=file,
     )
     print(f"{header}  result", file=file)
     failures = 0
+    results = []
     for case in cases:
         result = check(case, layer_class)
+        results.append(result)
         cells = "".join(
             f"{'-' if e is None else f'{e:.1e}':>9}"
             for e in result.errors.values()
@@ -210,7 +334,52 @@ def run(
         f"(tolerance: {tolerances}).",
         file=file,
     )
+    if json_path is not None:
+        write_json(results, layer_class, json_path)
+        print(f"Table written to {json_path}", file=file)
     return 1 if failures else 0
+
+
+def write_json(
+    results: Sequence[Result], layer_class: type, path: str | os.PathLike
+) -> None:
+    """The table as JSON: one row per configuration, with its arguments,
+    its errors and the tolerance it was held to."""
+    rows = [
+        {
+            "configuration": r.case.name,
+            "case": dataclasses.asdict(r.case),
+            "errors": r.errors,
+            "tolerance": r.tolerance,
+            "failed": r.failed(),
+            "result": "FAIL" if r.failed() else "pass",
+        }
+        for r in results
+    ]
+    table = {
+        "layer": layer_class.__name__,
+        "oracle": f"keras.layers.{_oracle_class(layer_class).__name__}",
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "keras_rotconv": keras_rotconv.__version__,
+        "agree": sum(not r.failed() for r in results),
+        "total": len(results),
+        "rows": rows,
+    }
+    with open(path, "w") as stream:
+        json.dump(table, stream, indent=2)
+        stream.write("\n")
+
+
+def _oracle_class(layer_class: type) -> type:
+    """The built-in layer that ``layer_class`` replaces: registered in
+    ``ORACLES``, else the Keras convolution class it derives from."""
+    if layer_class.__name__ in ORACLES:
+        return ORACLES[layer_class.__name__]
+    for oracle in ORACLES.values():
+        if issubclass(layer_class, oracle):
+            return oracle
+    raise ValueError(f"no built-in layer to compare {layer_class} with")
 
 
 @contextlib.contextmanager
@@ -262,14 +431,15 @@ def _applier(layer, transpose: bool):
     (JAX differentiates pure functions)."""
 
     def apply(x, variables=None):
+        rank = len(x.shape) - 2
         if transpose:
-            x = ops.transpose(x, (0, 2, 3, 1))
+            x = ops.transpose(x, (0, *range(2, rank + 2), 1))
         if variables is None:
             y = layer(x)
         else:
             y, _ = layer.stateless_call(variables, [], x)
         if transpose:
-            y = ops.transpose(y, (0, 3, 1, 2))
+            y = ops.transpose(y, (0, rank + 1, *range(1, rank + 1)))
         return y
 
     return apply
