@@ -261,3 +261,28 @@ def test_verify_runs_the_grid_with_the_textbook_rules(monkeypatch):
         verify.Case(dtype="float64", dilation_rate=(2, 2), groups=2),
     ]
     assert verify.run(cases, file=io.StringIO(), textbook=True) == 0
+
+
+def test_a_traced_function_takes_the_choice_made_when_it_is_traced(
+    monkeypatch,
+):
+    """A tf.function traced inside the block runs the rules only, and gives
+    the default gradients."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.function is TensorFlow's (jax.jit: test above)")
+    import tensorflow as tf
+
+    rot, x, upstream = _layer("2d-s2-same-g2")
+    _, dx_default, _ = gradients(rot, x, upstream)
+
+    @tf.function
+    def input_gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(rot(x) * upstream)
+        return tape.gradient(loss, x)
+
+    _forbid_forms(monkeypatch)
+    with keras_rotconv.textbook_rules():
+        dx = input_gradient(tf.constant(x))
+    assert_close(to_numpy(dx), dx_default, FORM_RTOL, "traced textbook dx")
