@@ -247,7 +247,7 @@ def pad(x, widths: Sequence[tuple[int, int]]):
 
 def _tf_correlate(x, w, strides, dilation, groups, pairs):
     out = _tf_convolve(x, w, strides, dilation, groups, pairs)
-    if all(n is not None for n in x.shape):
+    if all(n is not None for n in (*x.shape, *w.shape)):
         return out
     return _tf_reshaped(out, x, w, strides, dilation, pairs)
 
@@ -265,19 +265,27 @@ def _tf_reshaped(out, x, w, strides, dilation, pairs):
     import tensorflow as tf
 
     rank = len(strides)
-    dynamic = tf.unstack(tf.shape(x))
-    sizes = [n if n is not None else dynamic[i] for i, n in enumerate(x.shape)]
+    sizes, kernel = _tf_sizes(x), _tf_sizes(w)
     lengths = [
         _at_least_zero((n + lo + hi - (k - 1) * d - 1) // s + 1)
         for n, k, s, d, (lo, hi) in zip(
-            sizes[1:-1], w.shape[:rank], strides, dilation, pairs
+            sizes[1:-1], kernel[:rank], strides, dilation, pairs
         )
     ]
-    shape = [sizes[0], *lengths, w.shape[-1]]
+    shape = [sizes[0], *lengths, kernel[-1]]
     flat = tf.reshape(out, [-1])[: tf.reduce_prod(tf.stack(shape))]
     shaped = tf.reshape(flat, tf.stack(shape))
     shaped.set_shape([v if isinstance(v, int) else None for v in shape])
     return shaped
+
+
+def _tf_sizes(x):
+    """``x``'s sizes: ints where known as the graph is built, else
+    tensors."""
+    import tensorflow as tf
+
+    dynamic = tf.unstack(tf.shape(x))
+    return [n if n is not None else dynamic[i] for i, n in enumerate(x.shape)]
 
 
 def _at_least_zero(n):
