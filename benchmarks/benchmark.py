@@ -2,14 +2,20 @@
 
 Every case builds the same model twice, once with the keras_rotconv layers
 and once with their built-in Keras twins, gives both the same weights and the
-same batch, and compiles both with the same optimizer, loss and
-``jit_compile`` setting. Then:
+same batch, and compiles both with the same optimizer and loss, once for
+each ``jit_compile`` setting a user of the backend can pick (TensorFlow:
+False and True; JAX: True; torch: False, and True, ``torch.compile``, with
+``--torch-compile``). Then:
 
-* time: the two train steps run interleaved, in blocks of a few steps each
+* time: two train steps run interleaved, in blocks of a few steps each
   (the order alternating from block to block), so that a change in the load
   of the machine hits both alike. A block's ratio is RotConv's time per step
   over the built-in layer's; the reported ratio is the median over the
-  blocks.
+  blocks. Each RotConv setting is timed twice so: against the built-in
+  layer with the same setting (``time_ratio``), and against the built-in
+  layer with the setting where it ran fastest (``against_fastest``: what a
+  user choosing freely would compare with; the same pair when the settings
+  agree).
 * memory (TensorFlow only): the peak number of bytes TensorFlow's CPU
   allocator holds during one train step, above what it held just before the
   step (the weights, the optimizer state and the batch, which are the same
@@ -23,6 +29,11 @@ to it. Run from the repository root::
 
     PYTHONPATH=$PWD python benchmarks/benchmark.py            # the full run
     PYTHONPATH=$PWD python benchmarks/benchmark.py --quick    # tiny, for CI
+    PYTHONPATH=$PWD python benchmarks/benchmark.py --cases 26x26 13x13
+
+The report also records the CPU, its ISA flags and TensorFlow's oneDNN
+setting (``TF_ENABLE_ONEDNN_OPTS``, or TensorFlow's default for the CPU),
+which change the built-in layers' CPU convolutions.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import glob
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -46,9 +58,24 @@ import keras
 import numpy as np
 
 import keras_rotconv
+from keras_rotconv.tools import models as package_models
 
 BUILTIN = {1: "Conv1D", 2: "Conv2D", 3: "Conv3D"}
 ROTCONV = {1: "RotConv1D", 2: "RotConv2D", 3: "RotConv3D"}
+
+# What the ratios in a report mean, written into it.
+RATIOS = {
+    "time_ratio": "RotConv's step time over the built-in layer's, both "
+    "with the result's jit_compile: the median of interleaved blocks' ratios",
+    "against_fastest": "the same for RotConv with the result's jit_compile "
+    "against the built-in layer with builtin_jit_compile, the setting of "
+    "those timed where its median step was shortest (builtin_ms_by_mode); "
+    "the same-mode pair itself when builtin_jit_compile is jit_compile",
+}
+
+
+def sgd() -> keras.optimizers.Optimizer:
+    return keras.optimizers.SGD(1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +83,15 @@ class Case:
     """One benchmark case: a model built from a conv layer class.
 
     ``build(conv, quick)`` returns ``(model, loss, x_shape, y_shape)``, with
-    ``conv`` the layer class of rank ``rank`` to use.
+    ``conv`` the layer class of rank ``rank`` to use. ``optimizer()`` makes
+    a fresh optimizer for each model; ``metrics`` go to ``compile``.
     """
 
     name: str
     rank: int
     build: Callable
+    optimizer: Callable[[], keras.optimizers.Optimizer] = sgd
+    metrics: tuple[str, ...] = ()
 
 
 class Scale(keras.layers.Layer):
@@ -134,8 +164,53 @@ def mnist_cnn(conv, quick):
     return model, "sparse_categorical_crossentropy", (batch, 28, 28, 1), None
 
 
+def package_mnist(conv, quick):
+    """The package's own example CNN (``keras_rotconv.tools.models``, what
+    ``keras-rotconv train`` trains), at its training batch size."""
+    batch = 4 if quick else package_models.BATCH_SIZE
+    model = package_models.mnist_model(conv)
+    return model, "sparse_categorical_crossentropy", (batch, 28, 28, 1), None
+
+
+def package_optimizer() -> keras.optimizers.Optimizer:
+    """Adam on a cosine decay, as ``models.compile_model`` makes it (the
+    decay's length changes no step's cost)."""
+    schedule = keras.optimizers.schedules.CosineDecay(
+        package_models.LEARNING_RATE, decay_steps=10_000
+    )
+    return keras.optimizers.Adam(schedule)
+
+
 CASES = [
     Case("MNIST CNN, batch 128", 2, mnist_cnn),
+    Case(
+        "package MNIST model, Adam, batch 128",
+        2,
+        package_mnist,
+        optimizer=package_optimizer,
+        metrics=("accuracy",),
+    ),
+    # The shapes of the MNIST models' 32->64 layers ("valid", as there).
+    layer_case(
+        "3x3 32->64 valid, 26x26, batch 128",
+        2,
+        26,
+        32,
+        128,
+        kernel_size=3,
+        filters=64,
+        padding="valid",
+    ),
+    layer_case(
+        "3x3 32->64 valid, 13x13, batch 128",
+        2,
+        13,
+        32,
+        128,
+        kernel_size=3,
+        filters=64,
+        padding="valid",
+    ),
     layer_case("3x3 64->64, 32x32, batch 16", 2, 32, 64, 16, kernel_size=3),
     layer_case("3x3 stride 2", 2, 32, 64, 16, kernel_size=3, strides=2),
     layer_case("3x3 dilation 2", 2, 32, 64, 16, kernel_size=3, dilation_rate=2),
@@ -158,32 +233,61 @@ CASES = [
 ]
 
 
-def twins(case: Case, quick: bool, jit_compile: bool, seed: int = 0):
-    """The RotConv model and its built-in twin, compiled, with equal
-    weights, and one batch ``(x, y)`` for both."""
-    models = []
-    for names in (ROTCONV, BUILTIN):
-        module = keras_rotconv if names is ROTCONV else keras.layers
-        keras.utils.set_random_seed(seed)
-        model, loss, x_shape, y_shape = case.build(
-            getattr(module, names[case.rank]), quick
-        )
-        model.compile(
-            optimizer=keras.optimizers.SGD(1e-4),
-            loss=loss,
-            jit_compile=jit_compile,
-        )
-        models.append(model)
-    rot, builtin = models
-    builtin.set_weights(rot.get_weights())
+def build_model(case: Case, quick: bool, kind: str, jit_compile, seed=0):
+    """The case's model with the RotConv layer (``kind="rotconv"``) or the
+    built-in one (``"builtin"``), compiled; and its ``(x_shape, y_shape)``.
+    """
+    module, names = {
+        "rotconv": (keras_rotconv, ROTCONV),
+        "builtin": (keras.layers, BUILTIN),
+    }[kind]
+    keras.utils.set_random_seed(seed)
+    model, loss, x_shape, y_shape = case.build(
+        getattr(module, names[case.rank]), quick
+    )
+    model.compile(
+        optimizer=case.optimizer(),
+        loss=loss,
+        metrics=list(case.metrics),
+        jit_compile=jit_compile,
+    )
+    return model, (x_shape, y_shape)
+
+
+def one_batch(shapes, seed=0):
+    """A batch ``(x, y)`` of the given shapes; ``y`` holds class labels
+    when its shape is None."""
+    x_shape, y_shape = shapes
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(x_shape).astype("float32")
     if y_shape is None:
         y = rng.integers(0, 10, x_shape[0])
     else:
         y = rng.standard_normal(y_shape).astype("float32")
-    batch = (keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y))
-    return rot, builtin, batch
+    return keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
+
+
+def case_models(case: Case, quick: bool, jit_modes):
+    """``{(kind, jit_compile): model}`` for both kinds and every mode, all
+    with the first RotConv model's weights, and one batch for all."""
+    built = {
+        (kind, mode): build_model(case, quick, kind, mode)
+        for kind in ("rotconv", "builtin")
+        for mode in jit_modes
+    }
+    weights = built["rotconv", jit_modes[0]][0].get_weights()
+    for model, _ in built.values():
+        model.set_weights(weights)
+    shapes = next(iter(built.values()))[1]
+    return {key: model for key, (model, _) in built.items()}, one_batch(shapes)
+
+
+def twins(case: Case, quick: bool, jit_compile: bool):
+    """The RotConv model and its built-in twin, both compiled with
+    ``jit_compile``, with equal weights, and one batch ``(x, y)`` for both.
+    """
+    found, batch = case_models(case, quick, [jit_compile])
+    return found["rotconv", jit_compile], found["builtin", jit_compile], batch
 
 
 def time_steps(model, batch, steps: int) -> tuple[float, float]:
@@ -198,13 +302,9 @@ def time_steps(model, batch, steps: int) -> tuple[float, float]:
     )
 
 
-def time_case(case, quick, jit_compile, blocks, block_seconds):
-    """Interleaved blocks of train steps of the two twins; see the module
-    docstring."""
-    rot, builtin, batch = twins(case, quick, jit_compile)
-    # Warm up: trace and compile, then let caches settle.
-    for model in (rot, builtin):
-        time_steps(model, batch, 2)
+def time_pair(rot, builtin, batch, blocks, block_seconds) -> dict:
+    """Interleaved blocks of train steps of two warmed-up models; see the
+    module docstring."""
     per_step = max(time_steps(m, batch, 1)[0] for m in (rot, builtin))
     steps = max(1, round(block_seconds / per_step))
     wall = {"rotconv": [], "builtin": []}
@@ -232,6 +332,49 @@ def time_case(case, quick, jit_compile, blocks, block_seconds):
         # the thread pools' spinning.
         "cpu_ratio": statistics.median(block_ratios(cpu)),
     }
+
+
+def time_case(case, quick, jit_modes, blocks, block_seconds) -> list[dict]:
+    """One result per RotConv ``jit_compile`` mode: its ratio to the
+    built-in layer in the same mode, and ``against_fastest``, its ratio to
+    the built-in layer in the mode where that ran fastest (the lowest
+    median step time of the same-mode pairs), timed as its own interleaved
+    pair unless it is the same pair."""
+    found, batch = case_models(case, quick, jit_modes)
+    # Warm up: trace and compile, then let caches settle.
+    for model in found.values():
+        time_steps(model, batch, 2)
+    same = {
+        mode: time_pair(
+            found["rotconv", mode],
+            found["builtin", mode],
+            batch,
+            blocks,
+            block_seconds,
+        )
+        for mode in jit_modes
+    }
+    fastest = min(jit_modes, key=lambda mode: same[mode]["builtin_ms"])
+    results = []
+    for mode in jit_modes:
+        if mode == fastest:
+            against = dict(same[mode])
+        else:
+            against = time_pair(
+                found["rotconv", mode],
+                found["builtin", fastest],
+                batch,
+                blocks,
+                block_seconds,
+            )
+        against["builtin_jit_compile"] = fastest
+        against["builtin_ms_by_mode"] = {
+            str(m): same[m]["builtin_ms"] for m in jit_modes
+        }
+        result = {"case": case.name, "jit_compile": mode, **same[mode]}
+        result["against_fastest"] = against
+        results.append(result)
+    return results
 
 
 def step_memory(model, batch, repeats: int) -> int:
@@ -345,28 +488,116 @@ def collect_memory(process: subprocess.Popen) -> dict:
     }
 
 
-def machine() -> dict:
-    cpu = platform.processor()
+# The ISA flags recorded with every run; TensorFlow's x86 Linux builds turn
+# oneDNN on by default when the CPU has any of the last three.
+ISA_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+ONEDNN_DEFAULT_FLAGS = {"avx512_vnni", "avx512_bf16", "amx_tile"}
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and its ISA flags, from /proc/cpuinfo (Linux;
+    elsewhere the platform's processor name and no flags)."""
+    model, flags = platform.processor() or "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            text = f.read()
     except OSError:
-        pass
+        return model, flags
+    named = False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not named:
+            model, named = value.strip(), True
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def onednn(flags: set[str], backend: str) -> dict:
+    """TensorFlow's oneDNN setting: ``TF_ENABLE_ONEDNN_OPTS`` when set,
+    otherwise TensorFlow's default for this CPU; on the TensorFlow backend
+    also what TensorFlow itself reports."""
+    variable = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    default = "on" if ONEDNN_DEFAULT_FLAGS & flags else "off"
+    setting = {
+        "TF_ENABLE_ONEDNN_OPTS": variable,
+        "tensorflow_default": default,
+        "applies": "tensorflow_default" if variable is None else "variable",
+        "effective": default,
+    }
+    if variable is not None:
+        on = variable.strip().lower() in ("1", "true")
+        setting["effective"] = "on" if on else "off"
+    if backend == "tensorflow":
+        try:
+            from tensorflow.python.util import _pywrap_util_port
+        except ImportError:
+            return setting
+        on = _pywrap_util_port.IsMklEnabled()
+        setting["tensorflow_reports"] = "on" if on else "off"
+    return setting
+
+
+def git_commit() -> dict:
+    """The checkout's commit, and whether files outside benchmarks/results
+    (which this script rewrites) differ from it; None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changes = git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)benchmarks/results",
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(changes)}
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that ran, with the environment variables that change
+    the results in front."""
+    names = ("KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS")
+    env = [f"{n}={os.environ[n]}" for n in names if n in os.environ]
+    python = os.path.basename(sys.executable)
+    return shlex.join([*env, python, sys.argv[0], *argv])
+
+
+def machine(argv: list[str]) -> dict:
+    """Where and how the run ran."""
+    cpu, flags = cpu_info()
     versions = {"keras": keras.__version__, "numpy": np.__version__}
     backend = keras.backend.backend()
     module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
     versions[backend] = __import__(module[backend]).__version__
+    git = git_commit()
     return {
         "cpu": cpu,
+        "cpu_flags": {flag: flag in flags for flag in ISA_FLAGS},
+        "onednn": onednn(flags, backend),
         "accelerator": accelerator(backend),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "backend": backend,
         "versions": versions,
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
+        "command": command_line(argv),
     }
 
 
@@ -397,25 +628,29 @@ def plot(results, path, title):
 
     names = list(dict.fromkeys(r["case"] for r in results))
     modes = sorted({r["jit_compile"] for r in results})
-    series = [(f"time, jit_compile={m}", "time_ratio", m) for m in modes]
+    series = [
+        (f"time, jit_compile={m}", lambda r: r["time_ratio"], m) for m in modes
+    ]
+    series += [
+        (
+            f"time vs fastest built-in, jit_compile={m}",
+            lambda r: r["against_fastest"]["time_ratio"],
+            m,
+        )
+        for m in modes
+    ]
     if any("memory_ratio" in r for r in results):
         series += [
-            (f"memory, jit_compile={m}", "memory_ratio", m) for m in modes
+            (f"memory, jit_compile={m}", lambda r: r["memory_ratio"], m)
+            for m in modes
         ]
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(names)), 5))
-    for i, (label, key, mode) in enumerate(series):
-        values = [
-            next(
-                (
-                    r.get(key, np.nan)
-                    for r in results
-                    if r["case"] == name and r["jit_compile"] == mode
-                ),
-                np.nan,
-            )
-            for name in names
-        ]
+    for i, (label, value, mode) in enumerate(series):
+        by_case = {
+            r["case"]: value(r) for r in results if r["jit_compile"] == mode
+        }
+        values = [by_case.get(name, np.nan) for name in names]
         positions = np.arange(len(names)) + (i - (len(series) - 1) / 2) * width
         ax.bar(positions, values, width, label=label)
     ax.axhline(1.0, color="black", linewidth=0.8)
@@ -430,28 +665,38 @@ def plot(results, path, title):
     plt.close(fig)
 
 
-def default_jit_modes(backend: str) -> list:
-    # JAX trains jitted; torch.compile is a separate subject.
-    return {"tensorflow": [False, True], "jax": [True], "torch": [False]}[
-        backend
-    ]
+def default_jit_modes(backend: str, torch_compile: bool = False) -> list:
+    """The ``jit_compile`` settings a user of the backend can pick: both on
+    TensorFlow; JAX trains jitted (without, each op runs on its own, which
+    no one trains with); torch eagerly, and with ``torch.compile`` when
+    asked (it is slow to trace on the CPU)."""
+    return {
+        "tensorflow": [False, True],
+        "jax": [True],
+        "torch": [False, True] if torch_compile else [False],
+    }[backend]
 
 
 def format_table(results, with_memory) -> str:
     header = (
         "| case | jit_compile | RotConv ms | built-in ms | time ratio "
-        "| CPU-time ratio |"
+        "| CPU-time ratio | fastest built-in | its ms | time ratio vs "
+        "fastest | CPU-time ratio vs fastest |"
     )
-    rule = "| --- | --- | ---: | ---: | ---: | ---: |"
+    rule = "| --- | --- |" + " ---: |" * 4 + " --- |" + " ---: |" * 3
     if with_memory:
         header += " memory ratio |"
         rule += " ---: |"
     lines = [header, rule]
     for r in results:
+        fast = r["against_fastest"]
         line = (
             f"| {r['case']} | {r['jit_compile']} | {r['rotconv_ms']:.2f} | "
             f"{r['builtin_ms']:.2f} | {r['time_ratio']:.2f} | "
-            f"{r['cpu_ratio']:.2f} |"
+            f"{r['cpu_ratio']:.2f} | "
+            f"jit_compile={fast['builtin_jit_compile']} | "
+            f"{fast['builtin_ms']:.2f} | {fast['time_ratio']:.2f} | "
+            f"{fast['cpu_ratio']:.2f} |"
         )
         if with_memory:
             line += f" {r['memory_ratio']:.2f} |"
@@ -459,7 +704,7 @@ def format_table(results, with_memory) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick",
@@ -471,10 +716,22 @@ def main(argv=None) -> int:
         "--block-seconds", type=float, help="time per model and block"
     )
     parser.add_argument(
-        "--cases", help="JSON list of case names (default: all)"
+        "--cases",
+        nargs="+",
+        metavar="NAME",
+        help="cases to run, by name or part of a name, any case "
+        "(default: all; see --list-cases)",
+    )
+    parser.add_argument(
+        "--list-cases", action="store_true", help="print the case names"
     )
     parser.add_argument(
         "--jit", help="JSON list of jit_compile settings (default: backend's)"
+    )
+    parser.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="on torch, also time jit_compile=True (torch.compile)",
     )
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the memory measurement"
@@ -485,18 +742,35 @@ def main(argv=None) -> int:
         help="folder for the JSON and PNG results",
     )
     parser.add_argument("--memory-worker", action="store_true", help="internal")
-    args = parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
 
-    backend = keras.backend.backend()
-    jit_modes = json.loads(args.jit) if args.jit else default_jit_modes(backend)
-    wanted = json.loads(args.cases) if args.cases else [c.name for c in CASES]
-    unknown = set(wanted) - {c.name for c in CASES}
-    if unknown:
-        parser.error(f"unknown cases: {sorted(unknown)}")
-    if args.memory_worker:
-        memory_worker(wanted, args.quick, jit_modes)
-        return 0
 
+def select_cases(patterns, parser) -> list[str]:
+    """The names of the cases that ``patterns`` pick: a pattern equal to a
+    name picks that case alone, any other picks every case whose name
+    contains it (ignoring case). A JSON list is read as the patterns."""
+    names = [case.name for case in CASES]
+    if not patterns:
+        return names
+    if len(patterns) == 1 and patterns[0].startswith("["):
+        patterns = json.loads(patterns[0])
+    picked, unmatched = set(), []
+    for pattern in patterns:
+        found = (
+            {pattern}
+            if pattern in names
+            else {n for n in names if pattern.lower() in n.lower()}
+        )
+        if not found:
+            unmatched.append(pattern)
+        picked |= found
+    if unmatched:
+        parser.error(f"no case matches {unmatched}; see --list-cases")
+    return [name for name in names if name in picked]
+
+
+def runnable(wanted) -> list[Case]:
+    """The wanted cases whose RotConv layer keras_rotconv has."""
     cases = []
     for case in CASES:
         if case.name not in wanted:
@@ -508,12 +782,25 @@ def main(argv=None) -> int:
             )
             continue
         cases.append(case)
-    blocks = args.blocks or (7 if args.quick else 11)
-    block_seconds = args.block_seconds or (0.02 if args.quick else 0.5)
-    with_memory = backend == "tensorflow" and not args.no_memory
-    if backend != "tensorflow" and not args.no_memory:
-        print("memory is measured on the tensorflow backend only")
+    return cases
 
+
+def print_result(result, with_memory):
+    fast = result["against_fastest"]
+    print(
+        f"{result['case']:36s} jit_compile={result['jit_compile']!s:5s} "
+        f"time {result['time_ratio']:.3f} "
+        f"(cpu {result['cpu_ratio']:.3f}), "
+        f"vs fastest built-in (jit_compile={fast['builtin_jit_compile']}) "
+        f"{fast['time_ratio']:.3f}"
+        + (f"  memory {result['memory_ratio']:.3f}" if with_memory else ""),
+        flush=True,
+    )
+
+
+def measure(cases, args, jit_modes, with_memory) -> list[dict]:
+    """Times every case in every mode and, with ``with_memory``, adds the
+    memory of the worker process."""
     memory = {}
     worker = None
     if with_memory:
@@ -523,47 +810,61 @@ def main(argv=None) -> int:
             memory, worker = collect_memory(worker), None
     results = []
     for case in cases:
-        for jit_compile in jit_modes:
-            result = {"case": case.name, "jit_compile": jit_compile}
-            result.update(
-                time_case(case, args.quick, jit_compile, blocks, block_seconds)
-            )
-            results.append(result)
+        results += time_case(
+            case, args.quick, jit_modes, args.blocks, args.block_seconds
+        )
     if worker is not None:
         # The quick mode times while the worker measures: it checks that
         # the script works, not the numbers.
         memory = collect_memory(worker)
     for result in results:
-        name = result["case"]
         if with_memory:
-            rot_bytes, builtin_bytes = memory[name, result["jit_compile"]]
+            key = result["case"], result["jit_compile"]
+            rot_bytes, builtin_bytes = memory[key]
             result.update(
                 rotconv_bytes=rot_bytes,
                 builtin_bytes=builtin_bytes,
                 memory_ratio=rot_bytes / builtin_bytes,
             )
-        print(
-            f"{name:36s} jit_compile={result['jit_compile']!s:5s} "
-            f"time {result['time_ratio']:.3f} "
-            f"(cpu {result['cpu_ratio']:.3f})"
-            + (f"  memory {result['memory_ratio']:.3f}" if with_memory else ""),
-            flush=True,
-        )
+        print_result(result, with_memory)
+    return results
 
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, args = parse_args(argv)
+    if args.list_cases:
+        print("\n".join(case.name for case in CASES))
+        return 0
+    backend = keras.backend.backend()
+    jit_modes = (
+        json.loads(args.jit)
+        if args.jit
+        else default_jit_modes(backend, args.torch_compile)
+    )
+    wanted = select_cases(args.cases, parser)
+    args.blocks = args.blocks or (7 if args.quick else 11)
+    args.block_seconds = args.block_seconds or (0.02 if args.quick else 0.5)
+    if args.memory_worker:
+        memory_worker(wanted, args.quick, jit_modes)
+        return 0
+    with_memory = backend == "tensorflow" and not args.no_memory
+    if backend != "tensorflow" and not args.no_memory:
+        print("memory is measured on the tensorflow backend only")
+    report = {"machine": machine(argv)}
+    results = measure(runnable(wanted), args, jit_modes, with_memory)
     print()
     print(format_table(results, with_memory))
+    report["settings"] = {
+        "quick": args.quick,
+        "blocks": args.blocks,
+        "block_seconds": args.block_seconds,
+        "jit_modes": jit_modes,
+        "ratios": RATIOS,
+    }
+    report["results"] = results
     os.makedirs(args.out, exist_ok=True)
     stem = f"benchmark_{backend}" + ("_quick" if args.quick else "")
-    report = {
-        "machine": machine(),
-        "settings": {
-            "quick": args.quick,
-            "blocks": blocks,
-            "block_seconds": block_seconds,
-            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-        },
-        "results": results,
-    }
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(report, f, indent=1)
     plot(

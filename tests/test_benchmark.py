@@ -1,5 +1,6 @@
 """The benchmark script keeps working: its quick mode runs every case and
-writes a complete JSON report and a chart.
+writes a complete JSON report (same-setting ratios, ratios against the
+fastest built-in setting, where it ran) and a chart.
 
 It checks the script, not the speed: the quick mode's tiny sizes say
 nothing about the ratios (see benchmarks/benchmark.py for the real run).
@@ -12,18 +13,27 @@ import subprocess
 import sys
 
 import keras
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "benchmark.py")
 
 
-def _case_names():
+RATIO_KEYS = ("time_ratio", "cpu_ratio", "rotconv_ms", "builtin_ms")
+ISA_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def _benchmark():
     sys.path.insert(0, os.path.dirname(SCRIPT))
     try:
         import benchmark
     finally:
         sys.path.pop(0)
-    return [case.name for case in benchmark.CASES]
+    return benchmark
+
+
+def _case_names():
+    return [case.name for case in _benchmark().CASES]
 
 
 def test_quick_mode_writes_a_full_report(tmp_path):
@@ -43,9 +53,12 @@ def test_quick_mode_writes_a_full_report(tmp_path):
     assert (tmp_path / f"benchmark_{backend}_quick.png").stat().st_size > 0
 
     results = report["results"]
-    modes = {"tensorflow": 2, "jax": 1, "torch": 1}[backend]
+    modes = {"tensorflow": [False, True], "jax": [True], "torch": [False]}[
+        backend
+    ]
+    assert report["settings"]["jit_modes"] == modes
     ran = {r["case"] for r in results}
-    assert len(results) == len(ran) * modes, results
+    assert len(results) == len(ran) * len(modes), results
     # Every case either ran or was reported as skipped (a layer that
     # keras_rotconv does not have yet).
     skipped = {
@@ -56,11 +69,58 @@ def test_quick_mode_writes_a_full_report(tmp_path):
     assert ran | skipped == set(_case_names()), run.stdout
     assert not ran & skipped
     for r in results:
-        for key in ("time_ratio", "cpu_ratio", "rotconv_ms", "builtin_ms"):
-            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
-        assert len(r["block_ratios"]) >= 7, r
+        fastest = r["against_fastest"]
+        for timing in (r, fastest):
+            for key in RATIO_KEYS:
+                value = timing[key]
+                assert math.isfinite(value) and value > 0, (key, r)
+            assert len(timing["block_ratios"]) >= 7, r
+        by_mode = fastest["builtin_ms_by_mode"]
+        assert set(by_mode) == {str(m) for m in modes}, r
+        assert fastest["builtin_jit_compile"] in modes, r
+        assert by_mode[str(fastest["builtin_jit_compile"])] == min(
+            by_mode.values()
+        ), r
         if backend == "tensorflow":
             assert r["rotconv_bytes"] > 0 and r["builtin_bytes"] > 0, r
             assert r["memory_ratio"] == r["rotconv_bytes"] / r["builtin_bytes"]
-    assert report["machine"]["backend"] == backend
     assert report["settings"]["quick"] is True
+    _check_machine(report["machine"], backend)
+
+
+def _check_machine(machine, backend):
+    """The report says where it ran: CPU, flags, oneDNN, commit, command."""
+    assert machine["backend"] == backend
+    assert machine["cpu"], machine
+    assert set(machine["cpu_flags"]) == set(ISA_FLAGS), machine
+    assert all(isinstance(v, bool) for v in machine["cpu_flags"].values())
+    onednn = machine["onednn"]
+    assert onednn["TF_ENABLE_ONEDNN_OPTS"] == os.environ.get(
+        "TF_ENABLE_ONEDNN_OPTS"
+    )
+    assert onednn["tensorflow_default"] in ("on", "off"), onednn
+    assert onednn["effective"] in ("on", "off"), onednn
+    if backend == "tensorflow":
+        assert onednn["tensorflow_reports"] in ("on", "off"), onednn
+    assert "benchmark.py --quick" in machine["command"], machine
+    assert "git_commit" in machine, machine
+
+
+def test_cases_filter_picks_by_name_or_part():
+    benchmark = _benchmark()
+    names = [case.name for case in benchmark.CASES]
+    parser, _ = benchmark.parse_args([])
+    assert benchmark.select_cases(None, parser) == names
+    assert benchmark.select_cases([names[0]], parser) == [names[0]]
+    picked = benchmark.select_cases(["26X26", "13x13"], parser)
+    assert picked == [n for n in names if "26x26" in n or "13x13" in n]
+    assert len(picked) == 2, picked
+    assert benchmark.select_cases([json.dumps(names[:2])], parser) == names[:2]
+
+
+def test_cases_filter_refuses_a_pattern_that_matches_nothing(capsys):
+    benchmark = _benchmark()
+    parser, _ = benchmark.parse_args([])
+    with pytest.raises(SystemExit):
+        benchmark.select_cases(["3x3", "no such case"], parser)
+    assert "no such case" in capsys.readouterr().err
