@@ -82,29 +82,42 @@ def train(
         model = models.compile_model(
             models.mnist_model(), total_steps=epochs * len(train_data)
         )
-    if multiworker:
-        history = distribute.fit(
+    history = _fit(
+        model, train_data, test_data, epochs, tf_strategy, verbose, multiworker
+    )
+    # model.evaluate and model.predict fail under a multi-worker strategy
+    # too; a copy of the trained weights outside it evaluates locally.
+    evaluated = _local_copy(model) if multiworker else model
+    _, accuracy = evaluated.evaluate(test_data, verbose=0)
+    files = []
+    if distribute.is_chief(tf_strategy):
+        files = _write(model, evaluated, history, test_data, dataset, output)
+    return Outcome(model, history, float(accuracy), files)
+
+
+def _fit(model, train_data, test_data, epochs, tf_strategy, verbose, workers):
+    """The training history: ``model.fit``, or over several workers
+    (a multi-worker strategy, which ``fit`` cannot drive) ``distribute.fit``.
+    """
+    if workers:
+        return distribute.fit(
             model,
             train_data,
             epochs=epochs,
             strategy=tf_strategy,
             validation_data=test_data,
         )
-    else:
-        history = model.fit(
-            train_data,
-            epochs=epochs,
-            validation_data=test_data,
-            shuffle=False,  # the pipeline shuffles, in order fixed by `seed`
-            verbose=verbose,
-        ).history
-    # model.evaluate and model.predict fail under a multi-worker strategy
-    # too; a copy of the trained weights outside it evaluates locally.
-    evaluated = _local_copy(model) if multiworker else model
-    _, accuracy = evaluated.evaluate(test_data, verbose=0)
-    if not distribute.is_chief(tf_strategy):
-        return Outcome(model, history, float(accuracy), [])
+    return model.fit(
+        train_data,
+        epochs=epochs,
+        validation_data=test_data,
+        shuffle=False,  # the pipeline shuffles, in order fixed by `seed`
+        verbose=verbose,
+    ).history
 
+
+def _write(model, evaluated, history, test_data, dataset, output):
+    """Saves the model and its two figures under ``output``; their paths."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model_path = output / f"{dataset}_rotconv.keras"
@@ -112,7 +125,7 @@ def train(
     labels = np.concatenate([y for _, y in test_data.as_numpy_iterator()])
     predictions = np.argmax(evaluated.predict(test_data, verbose=0), axis=-1)
     title = f"RotConv2D CNN on {dataset}"
-    files = [
+    return [
         model_path,
         plots.history_figure(history, output / f"{dataset}_history.png", title),
         plots.confusion_figure(
@@ -123,7 +136,6 @@ def train(
             f"{title}: test set",
         ),
     ]
-    return Outcome(model, history, float(accuracy), files)
 
 
 def _by_element(dataset):
