@@ -2,14 +2,30 @@
 rotated-kernel convolution."""
 
 from keras_rotconv import ops, reference
+from keras_rotconv.family import (
+    RotConv1DTranspose,
+    RotConv2DTranspose,
+    RotConv3DTranspose,
+    RotDepthwiseConv1D,
+    RotDepthwiseConv2D,
+    RotSeparableConv1D,
+    RotSeparableConv2D,
+)
 from keras_rotconv.layers import RotConv1D, RotConv2D, RotConv3D
 
 __version__ = "0.1.0"
 
 __all__ = [
     "RotConv1D",
+    "RotConv1DTranspose",
     "RotConv2D",
+    "RotConv2DTranspose",
     "RotConv3D",
+    "RotConv3DTranspose",
+    "RotDepthwiseConv1D",
+    "RotDepthwiseConv2D",
+    "RotSeparableConv1D",
+    "RotSeparableConv2D",
     "__version__",
     "ops",
     "reference",
