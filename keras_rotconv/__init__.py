@@ -2,6 +2,7 @@
 rotated-kernel convolution."""
 
 from keras_rotconv import ops, reference
+from keras_rotconv.convert import ConversionReport, convert
 from keras_rotconv.family import (
     RotConv1DTranspose,
     RotConv2DTranspose,
@@ -16,6 +17,7 @@ from keras_rotconv.layers import RotConv1D, RotConv2D, RotConv3D
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionReport",
     "RotConv1D",
     "RotConv1DTranspose",
     "RotConv2D",
@@ -27,6 +29,7 @@ __all__ = [
     "RotSeparableConv1D",
     "RotSeparableConv2D",
     "__version__",
+    "convert",
     "ops",
     "reference",
 ]
