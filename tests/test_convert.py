@@ -5,8 +5,8 @@ rules only.
 
 The applications are heavy: each is built with ``weights=None`` at the
 smallest input it accepts, batch 1. All five run on TensorFlow (the
-fastest backend here); JAX and torch run MobileNetV2 and the U-Net, which
-between them hold every converted layer kind of the applications.
+fastest backend here); torch runs MobileNetV2 and the U-Net, JAX the U-Net
+(see EXTRA).
 """
 
 import warnings
@@ -26,7 +26,10 @@ APPLICATIONS = {
     "Xception": (keras.applications.Xception, (71, 71, 3)),
     "ConvNeXtTiny": (keras.applications.ConvNeXtTiny, (32, 32, 3)),
 }
-EVERY_BACKEND = {"MobileNetV2", "unet"}
+# Beyond TensorFlow: the U-Net everywhere, MobileNetV2 (standalone
+# depthwise convolutions) on torch; under JAX its compiled gradient takes
+# over a minute, and the depthwise twin has its own tests there.
+EXTRA = {"jax": {"unet"}, "torch": {"MobileNetV2", "unet"}}
 
 
 @pytest.fixture
@@ -113,6 +116,20 @@ def model_gradients(model, x, upstream):
     return to_numpy(y), to_numpy(dx), [to_numpy(g) for g in grads]
 
 
+# Keras's torch BatchNormalization differentiates to gamma and beta with
+# float32-sized errors in float64 (measured against the exact sum
+# Σ upstream · (x - mean) / sqrt(variance + epsilon) of one layer alone:
+# ~1e-7 relative), and the two models' errors differ at that size; every
+# other gradient is held to the float64 tolerance.
+TORCH_BATCH_NORM_RTOL = 1e-6
+
+
+def _rtol(path):
+    if BACKEND == "torch" and "batch_normalization" in path:
+        return TORCH_BATCH_NORM_RTOL
+    return FLOAT64_RTOL
+
+
 def _kinds(model):
     return {type(layer) for layer in _all_layers(model)}
 
@@ -128,7 +145,7 @@ APPLICATION_CASES = [
     pytest.param(
         name,
         marks=pytest.mark.skipif(
-            BACKEND != "tensorflow" and name not in EVERY_BACKEND,
+            BACKEND != "tensorflow" and name not in EXTRA.get(BACKEND, ()),
             reason="heavy: TensorFlow only",
         ),
     )
@@ -154,7 +171,7 @@ def test_converted_model_has_the_same_outputs_and_gradients(name, float64):
     assert len(grads) == len(grads_ref)
     paths = [v.path for v in model.trainable_variables]
     for path, grad, grad_ref in zip(paths, grads, grads_ref):
-        assert_close(grad, grad_ref, FLOAT64_RTOL, f"{name} {path}")
+        assert_close(grad, grad_ref, _rtol(path), f"{name} {path}")
     if BACKEND == "tensorflow":
         found = _tf_gradient_ops(converted, shape) & _TF_CONV_GRADIENTS
         assert not found, sorted(found)
