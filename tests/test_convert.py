@@ -284,3 +284,35 @@ def test_converted_model_trains_saves_and_loads(tmp_path):
     np.testing.assert_allclose(
         to_numpy(loaded(x)), to_numpy(converted(x)), rtol=1e-6, atol=1e-6
     )
+
+
+def test_command_line_convert(tmp_path, capsys):
+    from keras_rotconv.tools import cli
+
+    model = keras.Sequential(
+        [keras.Input((6, 6, 2)), keras.layers.SeparableConv2D(3, 3)]
+    )
+    source, target = tmp_path / "in.keras", tmp_path / "out.keras"
+    model.save(source)
+    assert cli.main(["convert", str(source), str(target)]) == 0
+    assert "SeparableConv2D -> RotSeparableConv2D" in capsys.readouterr().out
+    loaded = keras.saving.load_model(target)
+    assert type(loaded.layers[0]) is kr.RotSeparableConv2D
+    x = np.random.default_rng(0).standard_normal((1, 6, 6, 2))
+    np.testing.assert_allclose(
+        to_numpy(loaded(x)), to_numpy(model(x)), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_command_line_convert_exits_1_naming_what_it_left(tmp_path, capsys):
+    from keras_rotconv.tools import cli
+
+    inputs = keras.Input((6, 6, 2))
+    model = keras.Model(inputs, OwnConvolution(name="own")(inputs))
+    source, target = tmp_path / "in.keras", tmp_path / "out.keras"
+    model.save(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["convert", str(source), str(target)]) == 1
+    assert "own/hidden" in capsys.readouterr().err
+    assert target.exists()
