@@ -34,10 +34,15 @@ EXTRA = {"jax": {"unet"}, "torch": {"MobileNetV2", "unet"}}
 
 @pytest.fixture
 def float64():
-    previous = keras.config.floatx()
+    """Models built in float64. Both settings: with floatx alone, layers
+    built after another test's may keep a float32 policy (seen on
+    Conv2DTranspose in the U-Net after any model had been built)."""
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     yield
-    keras.config.set_floatx(previous)
+    keras.config.set_floatx(floatx)
+    keras.config.set_dtype_policy(policy)
 
 
 def unet(shape=(32, 32, 3), classes=3):
