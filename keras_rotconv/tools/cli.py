@@ -3,6 +3,7 @@
     keras-rotconv verify     a RotConv layer against its keras.layers twin
     keras-rotconv train      the example CNN on MNIST or Fashion-MNIST
     keras-rotconv explain    the derivation's steps, worked in numbers
+    keras-rotconv convert    a saved model with its convolutions on the rules
 
 Each subcommand is one ``_add_<name>`` function that declares its arguments
 and one ``_<name>`` function that runs it and returns the exit status.
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_verify(commands)
     _add_train(commands)
     _add_explain(commands)
+    _add_convert(commands)
     return parser
 
 
@@ -294,6 +296,39 @@ def _float64_on_jax() -> None:
         import jax
 
         jax.config.update("jax_enable_x64", True)
+
+
+def _add_convert(commands) -> None:
+    parser = commands.add_parser(
+        "convert",
+        help="replace every Keras convolution layer of a saved model by "
+        "its twin on the derived rules",
+        description="Loads IN (a .keras file), replaces every Keras "
+        "convolution layer by its keras_rotconv twin (weights copied), "
+        "saves the result to OUT and lists what was converted. Exits with "
+        "status 1 if a convolution could not be replaced (one created "
+        "inside a layer's own code); OUT is written all the same.",
+    )
+    parser.add_argument("input", metavar="IN", help="the model, .keras")
+    parser.add_argument("output", metavar="OUT", help="where to save, .keras")
+    parser.set_defaults(run=_convert)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import keras
+
+    import keras_rotconv
+
+    model = keras.saving.load_model(args.input, compile=False)
+    converted = keras_rotconv.convert(model)
+    converted.save(args.output)
+    report = converted.rotconv_report
+    for name, old, new in report.converted:
+        print(f"{name}: {old} -> {new}")
+    print(f"{len(report.converted)} layers converted; saved {args.output}")
+    if report.not_converted:
+        return _fail("not converted: " + ", ".join(report.not_converted))
+    return 0
 
 
 def _positive_int(text: str) -> int:
