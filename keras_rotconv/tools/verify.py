@@ -65,6 +65,7 @@ class Case:
     channels: int = 4
     filters: int = 6
     batch: int = 2
+    depth_multiplier: int = 1
 
     @classmethod
     def of(cls, rank: int, **fields) -> Case:
@@ -97,22 +98,34 @@ class Case:
             self.dtype,
             f"in{pair(self.spatial)}x{self.channels}",
         ]
+        if self.depth_multiplier != 1:
+            parts.append(f"m{self.depth_multiplier}")
         if not self.use_bias:
             parts.append("nobias")
         return " ".join(parts)
 
-    def layer_kwargs(self) -> dict:
-        return dict(
-            filters=self.filters,
+    def layer_kwargs(self, layer: str = "RotConv2D") -> dict:
+        """The arguments of the layer named ``layer``: a depthwise layer
+        takes a depth multiplier and no filters, a separable one both, a
+        transposed one no groups."""
+        kwargs = dict(
             kernel_size=self.kernel_size,
             strides=self.strides,
             padding=self.padding,
             dilation_rate=self.dilation_rate,
-            groups=self.groups,
             use_bias=self.use_bias,
             bias_initializer="random_normal",
             dtype=self.dtype,
         )
+        if "Depthwise" in layer or "Separable" in layer:
+            kwargs["depth_multiplier"] = self.depth_multiplier
+        if "Depthwise" not in layer:
+            kwargs["filters"] = self.filters
+        if not any(
+            kind in layer for kind in ("Depthwise", "Separable", "Transpose")
+        ):
+            kwargs["groups"] = self.groups
+        return kwargs
 
 
 GRID: tuple[Case, ...] = (
@@ -179,17 +192,52 @@ GRID_3D: tuple[Case, ...] = tuple(
     )
 )
 
+
+def _family_grid(rank: int, *changes: dict) -> tuple[Case, ...]:
+    """A short grid for the transposed, depthwise and separable layers:
+    the plain case, then one change each. (No dilation for the transposed
+    layers: Keras's TensorFlow Conv*DTranspose refuses it on a CPU.)"""
+    base = {"spatial": {1: 10, 2: 7, 3: 5}[rank], "channels": 3, "filters": 4}
+    return tuple(Case.of(rank, **{**base, **c}) for c in ({}, *changes))
+
+
+_MOTIONS = (
+    dict(padding="same"),
+    dict(strides=2),
+    dict(strides=2, padding="same", kernel_size=4),
+    dict(data_format="channels_first", strides=2, padding="same"),
+    dict(use_bias=False, kernel_size=2),
+    dict(dtype="float64", strides=2, padding="same"),
+)
+_DILATED = (
+    dict(dilation_rate=2),
+    dict(dtype="float64", dilation_rate=2, padding="same"),
+)
+_MULTIPLIED = (
+    dict(depth_multiplier=2),
+    dict(dtype="float64", depth_multiplier=3, strides=2),
+)
+
 # The grid of each RotConv layer, by class name. A layer joins ``verify``
 # with an entry here; its oracle is the built-in layer of ``ORACLES``.
 GRIDS: dict[str, tuple[Case, ...]] = {
     "RotConv1D": GRID_1D,
     "RotConv2D": GRID,
     "RotConv3D": GRID_3D,
+    **{
+        f"RotConv{rank}DTranspose": _family_grid(rank, *_MOTIONS)
+        for rank in (1, 2, 3)
+    },
+    **{
+        f"Rot{kind}Conv{rank}D": _family_grid(
+            rank, *_MOTIONS, *_DILATED, *_MULTIPLIED
+        )
+        for kind in ("Depthwise", "Separable")
+        for rank in (1, 2)
+    },
 }
 ORACLES: dict[str, type] = {
-    "RotConv1D": keras.layers.Conv1D,
-    "RotConv2D": keras.layers.Conv2D,
-    "RotConv3D": keras.layers.Conv3D,
+    name: getattr(keras.layers, name.removeprefix("Rot")) for name in GRIDS
 }
 DTYPES = tuple(TOLERANCE)
 
@@ -268,8 +316,9 @@ def check(case: Case, layer_class: type = RotConv2D, seed: int = 0) -> Result:
         shape = (case.batch, case.channels, *case.spatial)
     x = rng.standard_normal(shape).astype(case.dtype)
 
-    oracle = _oracle_class(layer_class)(**case.layer_kwargs())
-    layer = layer_class(**case.layer_kwargs(), data_format=case.data_format)
+    kwargs = case.layer_kwargs(layer_class.__name__)
+    oracle = _oracle_class(layer_class)(**kwargs)
+    layer = layer_class(**kwargs, data_format=case.data_format)
     oracle.build(_channels_last_shape(shape, case.data_format))
     layer.build(shape)
     layer.set_weights(oracle.get_weights())
@@ -447,13 +496,16 @@ def _applier(layer, transpose: bool):
 
 def _value_and_gradients(apply, layer, x, u):
     """``y = apply(x)`` and the gradients of ``sum(y * u)`` with respect to
-    ``x`` and the trainable variables of ``layer`` (kernel, then bias), by
-    the backend's own automatic differentiation."""
+    ``x``, the kernels (one for most layers; a separable layer's depthwise
+    and pointwise kernels, concatenated flat) and the bias (None without
+    one), by the backend's own automatic differentiation."""
     y, grads = _GRADIENTS[keras.backend.backend()](apply, layer, x, u)
-    grads = [ops.convert_to_numpy(g) for g in grads]
-    if not layer.use_bias:
-        grads.append(None)
-    return [ops.convert_to_numpy(y), *grads]
+    dx, *by_variable = [ops.convert_to_numpy(g) for g in grads]
+    names = [v.path.split("/")[-1] for v in layer.trainable_variables]
+    kernels = [g.ravel() for g, n in zip(by_variable, names) if n != "bias"]
+    bias = [g for g, n in zip(by_variable, names) if n == "bias"]
+    dw = np.concatenate(kernels)
+    return [ops.convert_to_numpy(y), dx, dw, bias[0] if bias else None]
 
 
 def _tf_gradients(apply, layer, x, u):
