@@ -168,7 +168,7 @@ class RotConv2DTranspose(_RotConvTranspose, keras.layers.Conv2DTranspose):
 
     >>> x = np.random.rand(4, 10, 8, 128)
     >>> y = keras_rotconv.RotConv2DTranspose(32, 2, 2)(x)
-    >>> print(y.shape)
+    >>> print(tuple(y.shape))
     (4, 20, 16, 32)
 """,
     )
@@ -203,7 +203,7 @@ class RotDepthwiseConv2D(_RotDepthwiseConv, keras.layers.DepthwiseConv2D):
 
     >>> x = np.random.rand(4, 10, 10, 12)
     >>> y = keras_rotconv.RotDepthwiseConv2D(3, depth_multiplier=2)(x)
-    >>> print(y.shape)
+    >>> print(tuple(y.shape))
     (4, 8, 8, 24)
 """,
     )
@@ -229,7 +229,7 @@ class RotSeparableConv2D(_RotSeparableConv, keras.layers.SeparableConv2D):
 
     >>> x = np.random.rand(4, 10, 10, 12)
     >>> y = keras_rotconv.RotSeparableConv2D(32, 3)(x)
-    >>> print(y.shape)
+    >>> print(tuple(y.shape))
     (4, 8, 8, 32)
 """,
     )

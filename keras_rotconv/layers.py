@@ -181,7 +181,7 @@ class RotConv1D(_RotConv, keras.layers.Conv1D):
 
     >>> x = np.random.rand(4, 10, 128)
     >>> y = keras_rotconv.RotConv1D(32, 3, padding="causal")(x)
-    >>> print(y.shape)
+    >>> print(tuple(y.shape))
     (4, 10, 32)
     """
 
@@ -271,7 +271,7 @@ class RotConv2D(_RotConv, keras.layers.Conv2D):
 
     >>> x = np.random.rand(4, 10, 10, 128)
     >>> y = keras_rotconv.RotConv2D(32, 3, activation="relu")(x)
-    >>> print(y.shape)
+    >>> print(tuple(y.shape))
     (4, 8, 8, 32)
     """
 
@@ -359,6 +359,6 @@ class RotConv3D(_RotConv, keras.layers.Conv3D):
 
     >>> x = np.random.rand(4, 10, 10, 10, 8)
     >>> y = keras_rotconv.RotConv3D(16, 3, activation="relu")(x)
-    >>> print(y.shape)
+    >>> print(tuple(y.shape))
     (4, 8, 8, 8, 16)
     """

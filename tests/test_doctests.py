@@ -44,21 +44,7 @@ def test_the_public_api_has_examples():
         assert name in MODULES, f"{name} has no docstring example"
 
 
-def _known_failure(name: str):
-    """Examples whose printed output is right on some backends only."""
-    if name == "keras_rotconv.layers" and keras.backend.backend() == "torch":
-        return pytest.mark.xfail(
-            reason="the layers' examples print y.shape, which torch shows as "
-            "torch.Size([...]) instead of a tuple; print(tuple(y.shape)) in "
-            "layers.py would hold on every backend",
-            strict=True,
-        )
-    return ()
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=_known_failure(n)) for n in MODULES]
-)
+@pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)
     extraglobs = {"np": np, "keras": keras, "keras_rotconv": keras_rotconv}
