@@ -383,3 +383,19 @@ def test_command_line_convert_exits_1_naming_what_it_left(tmp_path, capsys):
         assert cli.main(["convert", str(source), str(target)]) == 1
     assert "own/hidden" in capsys.readouterr().err
     assert target.exists()
+
+
+class _SubclassedModel(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv2D(2, 3)
+
+    def call(self, x):
+        return self.conv(x)
+
+
+def test_subclassed_model_raises_value_error():
+    model = _SubclassedModel()
+    model(np.zeros((1, 5, 5, 2)))
+    with pytest.raises(ValueError, match="Functional"):
+        kr.convert(model)
