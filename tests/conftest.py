@@ -358,3 +358,35 @@ def child_environment(**extra):
         "TF_CPP_MIN_LOG_LEVEL": "2",
         **extra,
     }
+
+
+# The TensorFlow ops of a framework's own convolution gradient: never in a
+# RotConv gradient graph, always in the built-in layers'.
+TF_CONV_GRADIENTS = {
+    "Conv2DBackpropInput",
+    "Conv2DBackpropInputV2",
+    "Conv2DBackpropFilter",
+    "Conv2DBackpropFilterV2",
+    "Conv3DBackpropInput",
+    "Conv3DBackpropInputV2",
+    "Conv3DBackpropFilter",
+    "Conv3DBackpropFilterV2",
+    "DepthwiseConv2dNativeBackpropInput",
+    "DepthwiseConv2dNativeBackpropFilter",
+}
+
+
+def jax_equations(closed_jaxpr):
+    """Every equation of a traced JAX program, nested programs included."""
+    stack, found = [closed_jaxpr.jaxpr], []
+    while stack:
+        jaxpr = stack.pop()
+        for eqn in jaxpr.eqns:
+            found.append(eqn)
+            for param in eqn.params.values():
+                for value in param if isinstance(param, tuple) else (param,):
+                    if hasattr(value, "eqns"):
+                        stack.append(value)
+                    elif hasattr(value, "jaxpr"):
+                        stack.append(value.jaxpr)
+    return found

@@ -13,6 +13,7 @@ from conftest import (
     LAYERS,
     assert_close,
     gradients,
+    jax_equations,
     make_twins,
     to_numpy,
 )
@@ -156,22 +157,6 @@ def test_float64_tanh_output_dtype_matches_builtin(rank):
 jax_only = pytest.mark.skipif(BACKEND != "jax", reason="JAX programs only")
 
 
-def _jax_equations(closed_jaxpr):
-    """Every equation of a traced JAX program, nested programs included."""
-    stack, found = [closed_jaxpr.jaxpr], []
-    while stack:
-        jaxpr = stack.pop()
-        for eqn in jaxpr.eqns:
-            found.append(eqn)
-            for param in eqn.params.values():
-                for value in param if isinstance(param, tuple) else (param,):
-                    if hasattr(value, "eqns"):
-                        stack.append(value)
-                    elif hasattr(value, "jaxpr"):
-                        stack.append(value.jaxpr)
-    return found
-
-
 def _jax_gradient_programs(layer, x):
     """The traced programs of dC/d(weights, x) and of the gradient of a
     gradient penalty, C = Σ sin(y)."""
@@ -211,12 +196,12 @@ def test_jax_gradient_program_is_the_custom_vjp(rank):
         ]
 
     for program in _jax_gradient_programs(rot, x):
-        eqns = _jax_equations(program)
+        eqns = jax_equations(program)
         assert any(e.primitive.name == "custom_vjp_call" for e in eqns)
         assert any(e.primitive.name == "conv_general_dilated" for e in eqns)
         assert not transposed(eqns), transposed(eqns)
     twin_first, _ = _jax_gradient_programs(twin, x)
-    assert transposed(_jax_equations(twin_first))
+    assert transposed(jax_equations(twin_first))
 
 
 @jax_only

@@ -14,7 +14,14 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, FLOAT64_RTOL, assert_close, to_numpy
+from conftest import (
+    BACKEND,
+    FLOAT64_RTOL,
+    TF_CONV_GRADIENTS,
+    assert_close,
+    jax_equations,
+    to_numpy,
+)
 
 import keras_rotconv as kr
 from keras_rotconv.convert import TWINS
@@ -181,22 +188,8 @@ def test_converted_model_has_the_same_outputs_and_gradients(name, float64):
     assert not found, sorted(found)[:5]
 
 
-_TF_CONV_GRADIENTS = {
-    "Conv2DBackpropInput",
-    "Conv2DBackpropInputV2",
-    "Conv2DBackpropFilter",
-    "Conv2DBackpropFilterV2",
-    "Conv3DBackpropInput",
-    "Conv3DBackpropInputV2",
-    "Conv3DBackpropFilter",
-    "Conv3DBackpropFilterV2",
-    "DepthwiseConv2dNativeBackpropInput",
-    "DepthwiseConv2dNativeBackpropFilter",
-}
-
-
 def _tf_framework_gradients(model, shape):
-    return _tf_gradient_ops(model, shape) & _TF_CONV_GRADIENTS
+    return _tf_gradient_ops(model, shape) & TF_CONV_GRADIENTS
 
 
 def _torch_framework_gradients(model, shape):
@@ -234,21 +227,12 @@ def _jax_framework_gradients(model, shape):
         [v.value for v in model.trainable_variables],
         jnp.zeros((1, *shape)),
     )
-    stack, found = [program.jaxpr], set()
-    while stack:
-        jaxpr = stack.pop()
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated" and any(
-                d != 1 for d in eqn.params["lhs_dilation"]
-            ):
-                found.add(str(eqn.params["lhs_dilation"]))
-            for param in eqn.params.values():
-                for value in param if isinstance(param, tuple) else (param,):
-                    if hasattr(value, "eqns"):
-                        stack.append(value)
-                    elif hasattr(value, "jaxpr"):
-                        stack.append(value.jaxpr)
-    return found
+    return {
+        str(eqn.params["lhs_dilation"])
+        for eqn in jax_equations(program)
+        if eqn.primitive.name == "conv_general_dilated"
+        and any(d != 1 for d in eqn.params["lhs_dilation"])
+    }
 
 
 def _tf_gradient_ops(model, shape):

@@ -30,8 +30,10 @@ from conftest import (
     FD_RTOL,
     FLOAT64_RTOL,
     RTOL,
+    TF_CONV_GRADIENTS,
     assert_close,
     gradients,
+    jax_equations,
     numeric_gradient,
     penalty_gradients,
     relative_error,
@@ -652,19 +654,6 @@ def test_config_weights_and_keras_file_round_trip(name, tmp_path):
 # ---------------------------------------------------------------------------
 # Gradient programs: none of the framework's convolution gradients
 
-TF_CONV_GRADIENTS = {
-    "Conv2DBackpropInput",
-    "Conv2DBackpropInputV2",
-    "Conv2DBackpropFilter",
-    "Conv2DBackpropFilterV2",
-    "Conv3DBackpropInput",
-    "Conv3DBackpropInputV2",
-    "Conv3DBackpropFilter",
-    "Conv3DBackpropFilterV2",
-    "DepthwiseConv2dNativeBackpropInput",
-    "DepthwiseConv2dNativeBackpropFilter",
-}
-
 
 def _tf_gradient_graph_ops(layer, shape):
     """Every op type of a tf.function computing the output, the first-order
@@ -698,21 +687,6 @@ def test_tensorflow_graph_holds_no_convolution_gradient(name):
     assert not found, sorted(found)
     # The check sees them: the built-in layer's graph has some.
     assert _tf_gradient_graph_ops(twin, shape) & TF_CONV_GRADIENTS
-
-
-def _jax_equations(program):
-    stack, found = [program.jaxpr], []
-    while stack:
-        jaxpr = stack.pop()
-        for eqn in jaxpr.eqns:
-            found.append(eqn)
-            for param in eqn.params.values():
-                for value in param if isinstance(param, tuple) else (param,):
-                    if hasattr(value, "eqns"):
-                        stack.append(value)
-                    elif hasattr(value, "jaxpr"):
-                        stack.append(value.jaxpr)
-    return found
 
 
 def _jax_programs(layer, x):
@@ -751,11 +725,11 @@ def test_jax_gradient_programs_are_the_custom_vjp(name):
     rot, twin, shape = _small_twins(name)
     x = np.random.default_rng(0).standard_normal(shape)
     for program in _jax_programs(rot, x):
-        eqns = _jax_equations(program)
+        eqns = jax_equations(program)
         assert any(e.primitive.name == "custom_vjp_call" for e in eqns)
         assert not _jax_transposed(eqns), _jax_transposed(eqns)
     if any(s > 1 for s in twin.strides):
-        assert _jax_transposed(_jax_equations(_jax_programs(twin, x)[0]))
+        assert _jax_transposed(jax_equations(_jax_programs(twin, x)[0]))
 
 
 def _torch_nodes(tensor):

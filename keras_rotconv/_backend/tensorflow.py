@@ -150,14 +150,7 @@ def add_bias(z, b):
 
 
 def after(x, *earlier):
-    """``x``, in a TensorFlow graph read only once ``earlier`` are computed
-    (elsewhere ``x``: eager code runs in the order it is written, and XLA
-    schedules on its own).
-
-    A TensorFlow graph runs every op as soon as its inputs exist, so a
-    backward rule's work on the layer's input alone would run during the
-    forward pass, and two rules' temporaries would live at once; this
-    orders them as eager mode would."""
+    """See ``_backend.after``: ``x`` read only once ``earlier`` exist."""
     if tf.executing_eagerly():
         return x
     with tf.control_dependencies(earlier):
