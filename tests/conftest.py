@@ -7,6 +7,7 @@ and serve as one oracle; ``keras_rotconv.reference`` and float64 finite
 differences are the others.
 """
 
+import itertools
 import os
 from pathlib import Path
 
@@ -390,3 +391,49 @@ def jax_equations(closed_jaxpr):
                     elif hasattr(value, "jaxpr"):
                         stack.append(value.jaxpr)
     return found
+
+
+def all_pairs(factors):
+    """Rows (dicts of factor name to value) in which every value of each
+    factor meets every value of each other factor at least once, chosen
+    greedily: each row covers the most pairs not yet covered."""
+    names = list(factors)
+    combos = list(itertools.combinations(range(len(names)), 2))
+
+    def pairs(row):
+        return {(a, row[a], b, row[b]) for a, b in combos}
+
+    candidates = list(
+        itertools.product(*(range(len(factors[n])) for n in names))
+    )
+    uncovered = set().union(*map(pairs, candidates))
+    rows = []
+    while uncovered:
+        best = max(candidates, key=lambda row: len(pairs(row) & uncovered))
+        uncovered -= pairs(best)
+        rows.append({n: factors[n][i] for n, i in zip(names, best)})
+    return rows
+
+
+def tf_gradient_graph_ops(layer, shape, dtype="float32"):
+    """Every op type of a tf.function computing the first-order gradients
+    of ``layer`` on inputs of ``shape`` and the gradient of a gradient
+    penalty, in the graph and in the functions it calls."""
+    import tensorflow as tf
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(tf.sin(layer(x)))
+            dx, *dvars = inner.gradient(loss, [x, *layer.trainable_variables])
+            penalty = tf.reduce_sum(dx**2)
+        return dvars, outer.gradient(penalty, layer.trainable_variables)
+
+    spec = tf.TensorSpec(shape, dtype)
+    graph = step.get_concrete_function(spec).graph.as_graph_def()
+    types = {node.op for node in graph.node}
+    for function in graph.library.function:
+        types |= {node.op for node in function.node_def}
+    return types

@@ -31,6 +31,7 @@ from conftest import (
     FLOAT64_RTOL,
     RTOL,
     TF_CONV_GRADIENTS,
+    all_pairs,
     assert_close,
     gradients,
     jax_equations,
@@ -38,6 +39,7 @@ from conftest import (
     penalty_gradients,
     relative_error,
     share_random_weights,
+    tf_gradient_graph_ops,
     to_numpy,
 )
 
@@ -73,28 +75,6 @@ TRANSPOSE_SIZES = {1: (5,), 2: (4, 3), 3: (3, 2, 3)}
 
 def _tuple(value, rank):
     return tuple(value) if isinstance(value, tuple) else (value,) * rank
-
-
-def all_pairs(factors):
-    """Rows (dicts of factor name to value) in which every value of each
-    factor meets every value of each other factor at least once, chosen
-    greedily: each row covers the most pairs not yet covered."""
-    names = list(factors)
-    combos = list(itertools.combinations(range(len(names)), 2))
-
-    def pairs(row):
-        return {(a, row[a], b, row[b]) for a, b in combos}
-
-    candidates = list(
-        itertools.product(*(range(len(factors[n])) for n in names))
-    )
-    uncovered = set().union(*map(pairs, candidates))
-    rows = []
-    while uncovered:
-        best = max(candidates, key=lambda row: len(pairs(row) & uncovered))
-        uncovered -= pairs(best)
-        rows.append({n: factors[n][i] for n, i in zip(names, best)})
-    return rows
 
 
 def _finish_rows(rows):
@@ -655,38 +635,14 @@ def test_config_weights_and_keras_file_round_trip(name, tmp_path):
 # Gradient programs: none of the framework's convolution gradients
 
 
-def _tf_gradient_graph_ops(layer, shape):
-    """Every op type of a tf.function computing the output, the first-order
-    gradients and the gradient of a gradient penalty."""
-    import tensorflow as tf
-
-    @tf.function
-    def step(x):
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                inner.watch(x)
-                loss = tf.reduce_sum(tf.sin(layer(x)))
-            dx, *dvars = inner.gradient(loss, [x, *layer.trainable_variables])
-            penalty = tf.reduce_sum(dx**2)
-        return dvars, outer.gradient(penalty, layer.trainable_variables)
-
-    graph = step.get_concrete_function(
-        tf.TensorSpec(shape, tf.float64)
-    ).graph.as_graph_def()
-    types = {node.op for node in graph.node}
-    for function in graph.library.function:
-        types |= {node.op for node in function.node_def}
-    return types
-
-
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow graphs")
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_tensorflow_graph_holds_no_convolution_gradient(name):
     rot, twin, shape = _small_twins(name)
-    found = _tf_gradient_graph_ops(rot, shape) & TF_CONV_GRADIENTS
+    found = tf_gradient_graph_ops(rot, shape, "float64") & TF_CONV_GRADIENTS
     assert not found, sorted(found)
     # The check sees them: the built-in layer's graph has some.
-    assert _tf_gradient_graph_ops(twin, shape) & TF_CONV_GRADIENTS
+    assert tf_gradient_graph_ops(twin, shape, "float64") & TF_CONV_GRADIENTS
 
 
 def _jax_programs(layer, x):

@@ -18,6 +18,7 @@ import pytest
 from conftest import (
     LAYERS,
     RTOL,
+    all_pairs,
     assert_close,
     gradients,
     reference_results,
@@ -84,28 +85,6 @@ def _spatial(rank, size, kernel, dilation):
     )
 
 
-def _all_pairs(factors):
-    """Rows (dicts of factor name to value) in which every value of each
-    factor meets every value of each other factor at least once: greedily,
-    each row is the combination that covers the most pairs not yet seen."""
-    names = list(factors)
-    combos = list(itertools.combinations(range(len(names)), 2))
-
-    def pairs(row):
-        return {(a, row[a], b, row[b]) for a, b in combos}
-
-    candidates = list(
-        itertools.product(*(range(len(factors[n])) for n in names))
-    )
-    uncovered = set().union(*map(pairs, candidates))
-    rows = []
-    while uncovered:
-        best = max(candidates, key=lambda row: len(pairs(row) & uncovered))
-        uncovered -= pairs(best)
-        rows.append({n: factors[n][i] for n, i in zip(names, best)})
-    return rows
-
-
 def _designs(rank):
     """The grid of one rank. 2D, the reference grid: every kernel x motion x
     padding x grouping, with data format, batch size, input size and
@@ -116,7 +95,7 @@ def _designs(rank):
     second per configuration), the rest drawn."""
     values = VALUES[rank]
     if rank != 2:
-        rows = _all_pairs(
+        rows = all_pairs(
             dict(
                 kernel=values["kernels"],
                 motion=values["motions"],
