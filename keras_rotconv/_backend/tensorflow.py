@@ -23,10 +23,13 @@ def _reshaped(out, x, w, strides, dilation, pairs):
     Where the result is not empty, its elements are all kept and this is
     free; where it is empty, none are.
     """
+    # Imported here: _shapes imports the backend seam, this module's parent.
+    from keras_rotconv._shapes import at_least_zero
+
     rank = len(strides)
     sizes, kernel = _sizes(x), _sizes(w)
     lengths = [
-        _at_least_zero((n + lo + hi - (k - 1) * d - 1) // s + 1)
+        at_least_zero((n + lo + hi - (k - 1) * d - 1) // s + 1)
         for n, k, s, d, (lo, hi) in zip(
             sizes[1:-1], kernel[:rank], strides, dilation, pairs
         )
@@ -44,12 +47,6 @@ def _sizes(x):
     may be unknown too)."""
     dynamic = tf.unstack(tf.shape(x))
     return [n if n is not None else dynamic[i] for i, n in enumerate(x.shape)]
-
-
-def _at_least_zero(n):
-    if isinstance(n, int):
-        return max(n, 0)
-    return tf.maximum(n, 0)
 
 
 def _convolve(x, w, strides, dilation, groups, pairs):
