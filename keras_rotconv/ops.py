@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 from keras import ops
 
-from keras_rotconv import _backend, rules
+from keras_rotconv import _backend, _tuning, rules
 from keras_rotconv._shapes import at_least_one_position, at_least_one_sample
 from keras_rotconv._shapes import at_least_zero as _at_least_zero
 from keras_rotconv.forms import phases, sums
@@ -187,8 +187,37 @@ def kernel_gradient(
             x, delta, kernel_size, pairs, dilation
         )
     if phases.applies_to_kernel_gradient(x, delta, strides, dilation, groups):
-        return phases.kernel_gradient_by_phases(*args)
-    return rules.kernel_gradient(*args)
+        convolution = phases.kernel_gradient_by_phases
+    else:
+        convolution = rules.kernel_gradient
+    shapes = (
+        _tuning.shapes_to_time(x, delta, kernel_size) if groups == 1 else None
+    )
+    if shapes is None:
+        return convolution(*args)
+    # One group: also a matrix product per tap; the fastest form is timed.
+    rest = args[2:]
+    forms = {
+        "convolution": lambda x, delta: convolution(x, delta, *rest),
+        "tap products": lambda x, delta: sums.kernel_gradient_by_taps(
+            x, delta, kernel_size, strides, pairs, dilation
+        ),
+    }
+    if sums.is_flat(strides):
+        forms["tap products, flat"] = lambda x, delta: (
+            sums.kernel_gradient_by_flat_taps(
+                x, delta, kernel_size, pairs, dilation
+            )
+        )
+    key = (
+        "kernel_gradient",
+        str(x.dtype),
+        str(getattr(x, "device", "")),
+        tuple(x.shape),
+        tuple(delta.shape),
+        *rest,
+    )
+    return _tuning.fastest(key, forms, shapes, x.dtype)(x, delta)
 
 
 def bias_gradient(delta):

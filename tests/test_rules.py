@@ -49,6 +49,10 @@ CASES = {
                           "valid", 4, 4),
     "3d-s131-g2": ((1, 7, 6, 5, 4), (3, 1, 2), (1, 3, 1), (1, 1, 1), "same",
                    2, 4),
+    "1d-d3-causal": ((2, 12, 2), (3,), (1,), (3,), "causal", 1, 3),
+    "2d-d12-same": ((2, 9, 8, 3), (3, 2), (1, 1), (1, 2), "same", 1, 4),
+    "3d-k232-valid": ((2, 6, 5, 6, 2), (2, 3, 2), (1, 1, 1), (1, 1, 1),
+                      "valid", 1, 3),
 }  # fmt: skip
 
 
@@ -134,9 +138,53 @@ def test_depthwise_tap_sums_equal_the_rule(name):
     assert_close(to_numpy(actual), to_numpy(expected), FORM_RTOL, name)
 
 
+def _one_group(name):
+    return CASES[name][5] == 1
+
+
+def _one_group_stride_1(name):
+    return _one_group(name) and sums.is_flat(CASES[name][2])
+
+
+@pytest.mark.parametrize("name", _names(_one_group))
+def test_tap_products_equal_the_rule(name):
+    x, w, delta, args = _case(name)
+    kernel = w.shape[:-2]
+    expected = rules.kernel_gradient(x, delta, kernel, **args)
+    del args["groups"]
+    actual = sums.kernel_gradient_by_taps(
+        keras.ops.convert_to_tensor(x),
+        keras.ops.convert_to_tensor(delta),
+        kernel,
+        **args,
+    )
+    assert_close(to_numpy(actual), to_numpy(expected), FORM_RTOL, name)
+
+
+@pytest.mark.parametrize("name", _names(_one_group_stride_1))
+def test_flat_tap_products_equal_the_rule(name):
+    x, w, delta, args = _case(name)
+    kernel = w.shape[:-2]
+    expected = rules.kernel_gradient(x, delta, kernel, **args)
+    actual = sums.kernel_gradient_by_flat_taps(
+        keras.ops.convert_to_tensor(x),
+        keras.ops.convert_to_tensor(delta),
+        kernel,
+        args["pairs"],
+        args["dilation"],
+    )
+    assert_close(to_numpy(actual), to_numpy(expected), FORM_RTOL, name)
+
+
 def test_every_form_is_tested_on_every_rank():
     """The covering design reaches each form in 1, 2 and 3 dimensions."""
-    for applies in (_strided_undilated, _pointwise, _depthwise):
+    for applies in (
+        _strided_undilated,
+        _pointwise,
+        _depthwise,
+        _one_group,
+        _one_group_stride_1,
+    ):
         ranks = {len(CASES[name][0]) - 2 for name in _names(applies)}
         assert ranks >= ({1, 2} if applies is _pointwise else {1, 2, 3})
 

@@ -20,6 +20,7 @@ imported.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 
 import keras
@@ -239,6 +240,37 @@ def pads_by_copy(rank: int) -> bool:
     copy of ``x`` for padding TensorFlow's ``"SAME"`` rule does not cover
     (TensorFlow's 1D and 3D convolutions take no explicit padding)."""
     return _impl.pads_by_copy(rank)
+
+
+def times_forms() -> bool:
+    """Whether ``keras_rotconv._tuning`` times the forms of a rule to choose
+    among them (TensorFlow, torch), or takes the first (JAX, whose XLA
+    compiler chooses its own way to compute each)."""
+    return _impl.times_forms()
+
+
+def time_forms(forms: Sequence[Callable], shapes, dtype) -> list[float]:
+    """The seconds each ``form(x, delta)`` takes on random tensors of
+    ``shapes`` and ``dtype``: the least of a few interleaved calls, after a
+    first call that traces (TensorFlow) and warms caches. Runs eagerly,
+    even while a graph is traced."""
+    return _impl.time_forms(forms, shapes, dtype)
+
+
+def _least_seconds(calls: Sequence[Callable], repeats: int = 3):
+    """The least wall time of ``repeats`` rounds of ``calls``, each call
+    timed on its own, in turn, after one untimed round."""
+    import time
+
+    for call in calls:
+        call()
+    best = [math.inf] * len(calls)
+    for _ in range(repeats):
+        for index, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best
 
 
 def traced_by_torch_compile() -> bool:

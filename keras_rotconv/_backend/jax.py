@@ -71,5 +71,15 @@ def pads_by_copy(rank: int) -> bool:
     return False
 
 
+def times_forms() -> bool:
+    # XLA compiles the whole step and chooses its own way to compute each
+    # form.
+    return False
+
+
+def time_forms(forms, shapes, dtype):
+    raise NotImplementedError("JAX does not time forms (times_forms).")
+
+
 def traced_by_torch_compile() -> bool:
     return False

@@ -174,5 +174,20 @@ def pads_by_copy(rank: int) -> bool:
     return rank != 2
 
 
+def times_forms() -> bool:
+    return True
+
+
+def time_forms(forms, shapes, dtype):
+    # Imported here: the seam's package imports this module.
+    from keras_rotconv._backend import _least_seconds
+
+    with tf.init_scope():  # eager, even while a tf.function is traced
+        tensors = [tf.random.normal(shape, dtype=dtype) for shape in shapes]
+        functions = [tf.function(form, autograph=False) for form in forms]
+        calls = [(lambda f=f: f(*tensors).numpy()) for f in functions]
+        return _least_seconds(calls)
+
+
 def traced_by_torch_compile() -> bool:
     return False

@@ -109,5 +109,28 @@ def pads_by_copy(rank: int) -> bool:
     return False
 
 
+def times_forms() -> bool:
+    return True
+
+
+def time_forms(forms, shapes, dtype):
+    # Imported here: the seam's package imports this module.
+    from keras_rotconv._backend import _least_seconds
+
+    device = keras.ops.convert_to_tensor(0.0).device
+    dtype = getattr(torch, keras.backend.standardize_dtype(dtype))
+
+    def call(form):
+        with torch.no_grad():
+            form(*tensors)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    tensors = [
+        torch.randn(shape, dtype=dtype, device=device) for shape in shapes
+    ]
+    return _least_seconds([lambda f=f: call(f) for f in forms])
+
+
 def traced_by_torch_compile() -> bool:
     return torch.compiler.is_compiling()

@@ -3,18 +3,21 @@
 ``rules.kernel_gradient`` is one convolution whose window is the delta. Where
 that window meets only one tap (a 1x1 kernel) or only one input channel per
 group (a depthwise kernel), the same sums are cheaper written out: one matrix
-product, or one sum of products per tap. They are differentiated as the sums
-they are, not by the derived rules.
+product, or one sum of products per tap. Any kernel's gradient is one matrix
+product per tap (``kernel_gradient_by_taps``), which some backends run faster
+than the convolution (``keras_rotconv.ops`` times them). They are
+differentiated as the sums they are, not by the derived rules.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 from keras import ops
 
-from keras_rotconv._shapes import is_zero, pad
+from keras_rotconv._shapes import added_zeros, crop_negative, is_zero, pad
 
 
 def is_pointwise(kernel_size, strides, pairs) -> bool:
@@ -94,3 +97,92 @@ def kernel_gradient_depthwise(
             window = ops.expand_dims(window, -1)
         taps.append(ops.sum(window * delta, axis=axes))
     return ops.reshape(ops.stack(taps), (*kernel_size, 1, cout))
+
+
+def kernel_gradient_by_taps(
+    x,
+    delta,
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    pairs,
+    dilation: Sequence[int],
+):
+    """Equals ``rules.kernel_gradient`` (one group): tap ``k`` reads the
+    padded input's window ``x̂[n, p·stride + k·dilation]`` at every output
+    position ``p``, so ``dC/dw[k, i, o] = Σ_{n, p} x̂[n, p·stride +
+    k·dilation, i] · delta[n, p, o]`` is one matrix product of that window,
+    the positions ``(n, p)`` its rows, with the delta. One product per tap;
+    the window is a strided slice."""
+    padded = _padded(x, pairs)
+    cin, cout = x.shape[-1], delta.shape[-1]
+    lengths = ops.shape(delta)[1:-1]
+    deltas = ops.reshape(delta, (-1, cout))
+    taps = []
+    for tap in itertools.product(*map(range, kernel_size)):
+        window = padded[
+            (
+                slice(None),
+                *(
+                    slice(k * d, k * d + (length - 1) * s + 1, s)
+                    for k, d, s, length in zip(tap, dilation, strides, lengths)
+                ),
+            )
+        ]
+        taps.append(_product(ops.reshape(window, (-1, cin)), deltas))
+    return ops.reshape(ops.stack(taps), (*kernel_size, cin, cout))
+
+
+def is_flat(strides) -> bool:
+    """Whether ``kernel_gradient_by_flat_taps`` applies: stride 1."""
+    return all(s == 1 for s in strides)
+
+
+def kernel_gradient_by_flat_taps(
+    x, delta, kernel_size: Sequence[int], pairs, dilation: Sequence[int]
+):
+    """``kernel_gradient_by_taps`` at stride 1, each tap's window a plain
+    range of rows, no copy.
+
+    Flatten the padded input ``(N, *P, C)`` to rows ``(N·∏P, C)``: position
+    ``p + k·dilation`` of sample ``n`` is row ``q + offset(k)``, where ``q``
+    is the row of ``p`` and ``offset(k)`` that of ``k·dilation`` in one
+    sample. Place the delta in the same frame, zeros after each axis's
+    ``L`` positions. Then tap ``k``'s product runs over the rows ``q`` and
+    ``q + offset(k)``, both plain ranges: a row ``q`` outside the delta's
+    positions meets a zero, and a row inside reads within its own sample
+    (``p + k·dilation < P`` at stride 1). The frame's zeros cost extra
+    products, ``∏P / ∏L`` times as many.
+    """
+    padded = _padded(x, pairs)
+    _, *sizes, cin = ops.shape(padded)
+    cout = delta.shape[-1]
+    lengths = ops.shape(delta)[1:-1]
+    frame = pad(
+        delta,
+        [(0, 0), *((0, size - length) for size, length in zip(sizes, lengths)),
+         (0, 0)],
+    )  # fmt: skip
+    rows = ops.reshape(padded, (-1, cin))
+    # Row steps of each spatial axis within one sample.
+    steps = [math.prod(sizes[axis + 1 :]) for axis in range(len(sizes))]
+    span = sum(
+        (k - 1) * d * step for k, d, step in zip(kernel_size, dilation, steps)
+    )
+    count = ops.shape(rows)[0] - span
+    deltas = ops.reshape(frame, (-1, cout))[:count]
+    taps = []
+    for tap in itertools.product(*map(range, kernel_size)):
+        offset = sum(k * d * step for k, d, step in zip(tap, dilation, steps))
+        taps.append(_product(rows[offset : offset + count], deltas))
+    return ops.reshape(ops.stack(taps), (*kernel_size, cin, cout))
+
+
+def _padded(x, pairs):
+    """``x`` with the forward padding written out (negative widths crop)."""
+    return pad(crop_negative(x, pairs), [(0, 0), *added_zeros(pairs), (0, 0)])
+
+
+def _product(rows, deltas):
+    """``rowsᵀ · deltas``: ``(M, C_in)`` and ``(M, C_out)`` to ``(C_in,
+    C_out)``."""
+    return ops.einsum("mi,mo->io", rows, deltas)

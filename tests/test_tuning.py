@@ -1,0 +1,206 @@
+"""The kernel gradient's form, chosen by timing (``keras_rotconv._tuning``).
+
+Each form the tuner can choose must give the rules' gradients: the winner
+is forced here (``_backend.time_forms`` replaced by one that reports the
+chosen form fastest) and the layer's gradients, first and second order, are
+compared in float64 with those of ``keras_rotconv.textbook_rules()``. Then
+the bookkeeping: a shape is timed once, small shapes and
+``KERAS_ROTCONV_TUNE=0`` are not timed, a failed timing warns and takes the
+convolution, and a real timing (TensorFlow: while a tf.function is traced)
+picks one of the forms.
+"""
+
+import numpy as np
+import pytest
+from conftest import (
+    BACKEND,
+    LAYERS,
+    TF_CONV_GRADIENTS,
+    assert_close,
+    gradients,
+    make_twins,
+    penalty_gradients,
+    tf_gradient_graph_ops,
+    to_numpy,
+)
+
+import keras_rotconv
+from keras_rotconv import _backend, _tuning
+
+# The forms in the order keras_rotconv.ops hands them to the tuner.
+FORMS = ("convolution", "tap products", "tap products, flat")
+
+# Same sums, different order: float64 rounding (see test_rules.FORM_RTOL).
+FORM_RTOL = 1e-12
+
+# (rank, layer config, input shape); the flat form applies at stride 1.
+CASES = {
+    "1d-d2-causal": (1, dict(kernel_size=3, dilation_rate=2,
+                             padding="causal"), (2, 11, 3)),
+    "2d-s2-same": (2, dict(kernel_size=3, strides=2, padding="same"),
+                   (2, 9, 8, 3)),
+    "2d-k32-valid": (2, dict(kernel_size=(3, 2)), (2, 7, 6, 2)),
+    "3d-same": (3, dict(kernel_size=2, padding="same"), (1, 4, 5, 3, 2)),
+}  # fmt: skip
+
+needs_timing = pytest.mark.skipif(
+    not _backend.times_forms(), reason=f"{BACKEND} does not time forms"
+)
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """Every shape timed (no least amount of work), nothing remembered from
+    before, the environment's switch unset."""
+    monkeypatch.setattr(_tuning, "MIN_PRODUCTS", 0)
+    monkeypatch.delenv("KERAS_ROTCONV_TUNE", raising=False)
+    _tuning.forget()
+    yield
+    _tuning.forget()
+
+
+def _winning(monkeypatch, winner):
+    """Make ``winner`` the fastest form; returns the list of timings asked
+    for (one entry, the number of forms, per timing)."""
+    asked = []
+
+    def time_forms(forms, shapes, dtype):
+        asked.append(len(forms))
+        return [0.0 if name == winner else 1.0 for name in FORMS[: len(forms)]]
+
+    monkeypatch.setattr(_backend, "time_forms", time_forms)
+    return asked
+
+
+def _layer(name, dtype="float64"):
+    rank, config, shape = CASES[name]
+    config = dict(config, filters=4, dtype=dtype)
+    rot, _ = make_twins(*LAYERS[rank], config, shape)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(dtype)
+    upstream = rng.standard_normal(rot.compute_output_shape(shape))
+    return rot, x, upstream.astype(dtype)
+
+
+def _cleared(rot):
+    """``rot`` with no gradient kept from before: torch adds each backward
+    pass's into the variables' ``.grad``, where the helpers read them."""
+    for variable in rot.trainable_variables:
+        if hasattr(variable.value, "grad"):
+            variable.value.grad = None
+    return rot
+
+
+def _all_gradients(rot, x, upstream):
+    _, dx, dvars = gradients(_cleared(rot), x, upstream)
+    _cleared(rot)
+    penalty = penalty_gradients(rot, x, upstream)
+    return {"dx": dx, **dvars, "penalty dw": penalty["kernel"]}
+
+
+def _forms_of(name):
+    strided = "-s2" in name
+    return [form for form in FORMS if not (strided and "flat" in form)]
+
+
+@needs_timing
+@pytest.mark.parametrize(
+    "name, form",
+    [(name, form) for name in CASES for form in _forms_of(name)],
+)
+def test_each_form_gives_the_rules_gradients(name, form, tuning, monkeypatch):
+    asked = _winning(monkeypatch, form)
+    rot, x, upstream = _layer(name)
+    with keras_rotconv.textbook_rules():
+        expected = _all_gradients(rot, x, upstream)
+    actual = _all_gradients(rot, x, upstream)
+    assert asked, "no timing: the form was not chosen"
+    assert set(_tuning.chosen().values()) == {form}
+    for what, value in expected.items():
+        assert_close(actual[what], value, FORM_RTOL, f"{form}: {what}")
+
+
+@needs_timing
+def test_a_shape_is_timed_once(tuning, monkeypatch):
+    asked = _winning(monkeypatch, "tap products")
+    rot, x, upstream = _layer("2d-k32-valid")
+    gradients(rot, x, upstream)
+    gradients(rot, x, upstream)
+    assert asked == [3]
+    assert len(_tuning.chosen()) == 1
+    _tuning.forget()
+    gradients(rot, x, upstream)
+    assert asked == [3, 3]
+
+
+def test_small_shapes_and_the_switch_are_not_timed(monkeypatch):
+    """Below ``MIN_PRODUCTS``, with ``KERAS_ROTCONV_TUNE=0``, and on a
+    backend that does not time, the convolution is taken untimed."""
+    asked = _winning(monkeypatch, "tap products")
+    _tuning.forget()
+    rot, x, upstream = _layer("2d-k32-valid")
+    gradients(rot, x, upstream)  # a few thousand products
+    monkeypatch.setattr(_tuning, "MIN_PRODUCTS", 0)
+    monkeypatch.setenv("KERAS_ROTCONV_TUNE", "0")
+    gradients(rot, x, upstream)
+    assert asked == []
+    assert _tuning.chosen() == {}
+    monkeypatch.delenv("KERAS_ROTCONV_TUNE")
+    gradients(rot, x, upstream)
+    assert asked == ([3] if _backend.times_forms() else [])
+
+
+@needs_timing
+def test_a_timing_that_fails_warns_and_takes_the_convolution(
+    tuning, monkeypatch
+):
+    def time_forms(forms, shapes, dtype):
+        raise RuntimeError("no timer here")
+
+    monkeypatch.setattr(_backend, "time_forms", time_forms)
+    rot, x, upstream = _layer("2d-k32-valid")
+    with pytest.warns(RuntimeWarning, match="could not time.*no timer here"):
+        gradients(rot, x, upstream)
+    assert set(_tuning.chosen().values()) == {"convolution"}
+
+
+@needs_timing
+def test_a_real_timing_picks_a_form_with_the_rules_values(tuning):
+    """No form forced: the backend times them (TensorFlow: eagerly, while a
+    tf.function is traced) and the gradients are the rules', in float32."""
+    rot, x, upstream = _layer("2d-k32-valid", "float32")
+    with keras_rotconv.textbook_rules():
+        _, _, dvars_rules = gradients(rot, x, upstream)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def kernel_gradient(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(rot(x) * upstream)
+            return tape.gradient(loss, rot.kernel)
+
+        dw = to_numpy(kernel_gradient(tf.constant(x)))
+    else:
+        _, _, dvars = gradients(_cleared(rot), x, upstream)
+        dw = dvars["kernel"]
+    assert set(_tuning.chosen().values()) <= set(FORMS)
+    assert len(_tuning.chosen()) == 1
+    assert_close(dw, dvars_rules["kernel"], 1e-5, "kernel gradient")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow graphs")
+@pytest.mark.parametrize("form", FORMS)
+def test_no_form_puts_a_convolution_gradient_in_the_graph(
+    form, tuning, monkeypatch
+):
+    _winning(monkeypatch, form)
+    rot, _, _ = _layer("2d-k32-valid", "float32")
+    types = tf_gradient_graph_ops(rot, CASES["2d-k32-valid"][2])
+    assert set(_tuning.chosen().values()) == {form}
+    assert not types & TF_CONV_GRADIENTS, types & TF_CONV_GRADIENTS
+
+
+def test_jax_does_not_time():
+    """XLA compiles the step and picks its own way to compute each form."""
+    assert _backend.times_forms() == (BACKEND != "jax")
