@@ -212,7 +212,7 @@ def kernel_gradient(
     key = (
         "kernel_gradient",
         str(x.dtype),
-        str(getattr(x, "device", "")),
+        _backend.device_kind(x),
         tuple(x.shape),
         tuple(delta.shape),
         *rest,
