@@ -203,16 +203,16 @@ def kernel_gradient(
             x, delta, kernel_size, strides, pairs, dilation
         ),
     }
-    if sums.is_flat(strides):
+    if sums.is_flat(strides, dilation):
         forms["tap products, flat"] = lambda x, delta: (
             sums.kernel_gradient_by_flat_taps(
-                x, delta, kernel_size, pairs, dilation
+                x, delta, kernel_size, strides, pairs, dilation
             )
         )
     key = (
         "kernel_gradient",
         str(x.dtype),
-        str(getattr(x, "device", "")),
+        _backend.device_kind(x),
         tuple(x.shape),
         tuple(delta.shape),
         *rest,

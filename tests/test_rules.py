@@ -142,8 +142,8 @@ def _one_group(name):
     return CASES[name][5] == 1
 
 
-def _one_group_stride_1(name):
-    return _one_group(name) and sums.is_flat(CASES[name][2])
+def _one_group_flat(name):
+    return _one_group(name) and sums.is_flat(CASES[name][2], CASES[name][3])
 
 
 @pytest.mark.parametrize("name", _names(_one_group))
@@ -161,17 +161,17 @@ def test_tap_products_equal_the_rule(name):
     assert_close(to_numpy(actual), to_numpy(expected), FORM_RTOL, name)
 
 
-@pytest.mark.parametrize("name", _names(_one_group_stride_1))
+@pytest.mark.parametrize("name", _names(_one_group_flat))
 def test_flat_tap_products_equal_the_rule(name):
     x, w, delta, args = _case(name)
     kernel = w.shape[:-2]
     expected = rules.kernel_gradient(x, delta, kernel, **args)
+    del args["groups"]
     actual = sums.kernel_gradient_by_flat_taps(
         keras.ops.convert_to_tensor(x),
         keras.ops.convert_to_tensor(delta),
         kernel,
-        args["pairs"],
-        args["dilation"],
+        **args,
     )
     assert_close(to_numpy(actual), to_numpy(expected), FORM_RTOL, name)
 
@@ -183,7 +183,7 @@ def test_every_form_is_tested_on_every_rank():
         _pointwise,
         _depthwise,
         _one_group,
-        _one_group_stride_1,
+        _one_group_flat,
     ):
         ranks = {len(CASES[name][0]) - 2 for name in _names(applies)}
         assert ranks >= ({1, 2} if applies is _pointwise else {1, 2, 3})

@@ -33,7 +33,7 @@ FORMS = ("convolution", "tap products", "tap products, flat")
 # Same sums, different order: float64 rounding (see test_rules.FORM_RTOL).
 FORM_RTOL = 1e-12
 
-# (rank, layer config, input shape); the flat form applies at stride 1.
+# (rank, layer config, input shape).
 CASES = {
     "1d-d2-causal": (1, dict(kernel_size=3, dilation_rate=2,
                              padding="causal"), (2, 11, 3)),
@@ -98,15 +98,10 @@ def _all_gradients(rot, x, upstream):
     return {"dx": dx, **dvars, "penalty dw": penalty["kernel"]}
 
 
-def _forms_of(name):
-    strided = "-s2" in name
-    return [form for form in FORMS if not (strided and "flat" in form)]
-
-
 @needs_timing
 @pytest.mark.parametrize(
     "name, form",
-    [(name, form) for name in CASES for form in _forms_of(name)],
+    [(name, form) for name in CASES for form in FORMS],
 )
 def test_each_form_gives_the_rules_gradients(name, form, tuning, monkeypatch):
     asked = _winning(monkeypatch, form)

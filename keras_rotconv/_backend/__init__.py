@@ -257,6 +257,13 @@ def time_forms(forms: Sequence[Callable], shapes, dtype) -> list[float]:
     return _impl.time_forms(forms, shapes, dtype)
 
 
+def device_kind(x) -> str:
+    """The kind of device ``x`` is on (``"CPU"``, ``"GPU"``, ...; empty
+    where not placed yet): timings differ by kind, not between a kind's
+    devices, such as the replicas of one ``tf.distribute`` strategy."""
+    return _impl.device_kind(x)
+
+
 def _least_seconds(calls: Sequence[Callable], repeats: int = 3):
     """The least wall time of ``repeats`` rounds of ``calls``, each call
     timed on its own, in turn, after one untimed round."""

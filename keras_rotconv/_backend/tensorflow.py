@@ -174,6 +174,10 @@ def pads_by_copy(rank: int) -> bool:
     return rank != 2
 
 
+def device_kind(x):
+    return tf.DeviceSpec.from_string(x.device or "").device_type or ""
+
+
 def times_forms() -> bool:
     return True
 

@@ -109,6 +109,10 @@ def pads_by_copy(rank: int) -> bool:
     return False
 
 
+def device_kind(x):
+    return x.device.type.upper()
+
+
 def times_forms() -> bool:
     return True
 
