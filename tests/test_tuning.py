@@ -98,10 +98,17 @@ def _all_gradients(rot, x, upstream):
     return {"dx": dx, **dvars, "penalty dw": penalty["kernel"]}
 
 
+def _forms_of(name):
+    """The forms offered: the flat products at stride 1 only (their phase
+    split raised a strided step's peak memory)."""
+    strided = "-s2" in name
+    return [form for form in FORMS if not (strided and "flat" in form)]
+
+
 @needs_timing
 @pytest.mark.parametrize(
     "name, form",
-    [(name, form) for name in CASES for form in FORMS],
+    [(name, form) for name in CASES for form in _forms_of(name)],
 )
 def test_each_form_gives_the_rules_gradients(name, form, tuning, monkeypatch):
     asked = _winning(monkeypatch, form)

@@ -257,6 +257,13 @@ def time_forms(forms: Sequence[Callable], shapes, dtype) -> list[float]:
     return _impl.time_forms(forms, shapes, dtype)
 
 
+def transposed_product(a, b):
+    """``aᵀ · b`` of two matrices ``(M, I)`` and ``(M, O)``, without
+    writing ``aᵀ`` out (``keras.ops.matmul`` on torch returns float32 for
+    float64 operands: docs/backend-notes.md)."""
+    return _impl.transposed_product(a, b)
+
+
 def device_kind(x) -> str:
     """The kind of device ``x`` is on (``"CPU"``, ``"GPU"``, ...; empty
     where not placed yet): timings differ by kind, not between a kind's

@@ -174,6 +174,10 @@ def pads_by_copy(rank: int) -> bool:
     return rank != 2
 
 
+def transposed_product(a, b):
+    return tf.matmul(a, b, transpose_a=True)
+
+
 def device_kind(x):
     return tf.DeviceSpec.from_string(x.device or "").device_type or ""
 

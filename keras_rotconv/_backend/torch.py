@@ -109,6 +109,14 @@ def pads_by_copy(rank: int) -> bool:
     return False
 
 
+def transposed_product(a, b):
+    if a.device.type == "cpu" and a.dtype == torch.float16:
+        # As keras.ops.matmul does on CPU: float16 summed in float32.
+        product = torch.matmul(a.float().t(), b.float())
+        return product.to(torch.float16)
+    return torch.matmul(a.t(), b)
+
+
 def device_kind(x):
     return x.device.type.upper()
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from keras import ops
 
+from keras_rotconv import _backend
 from keras_rotconv._shapes import (
     added_zeros,
     at_least_zero,
@@ -125,7 +126,7 @@ def kernel_gradient_by_taps(
     deltas = ops.reshape(delta, (-1, cout))
     taps = []
     for tap in itertools.product(*map(range, kernel_size)):
-        window = padded[
+        window = _in_turn(padded, taps)[
             (
                 slice(None),
                 *(
@@ -188,7 +189,7 @@ def kernel_gradient_by_flat_taps(
         [(0, 0), *((0, at_least_zero(m * s - size))
                    for m, s, size in zip(frame, strides, sizes)), (0, 0)],
     )  # fmt: skip
-    phases = _phases(padded, frame, strides)
+    rows = _phase_rows(padded, frame, strides)
     framed = pad(
         delta,
         [(0, 0), *((0, m - length) for m, length in zip(frame, lengths)),
@@ -197,29 +198,31 @@ def kernel_gradient_by_flat_taps(
     # Row steps of each spatial axis within one sample.
     steps = [math.prod(frame[axis + 1 :]) for axis in range(len(frame))]
     span = sum((t - 1) * g * step for t, g, step in zip(counts, gaps, steps))
-    rows = n * math.prod(frame) - span if isinstance(n, int) else None
-    if rows is None:
-        rows = ops.shape(phases)[1] - span
-    deltas = ops.reshape(framed, (-1, cout))[:rows]
+    per_phase = n * math.prod(frame)
+    count = per_phase - span
+    deltas = ops.reshape(framed, (-1, cout))[:count]
     taps = []
     for tap in itertools.product(*map(range, kernel_size)):
         phase = 0
         for k, s in zip(tap, strides):
             phase = phase * s + k % s
-        offset = sum(
+        start = phase * per_phase + sum(
             (k // s) * g * step
             for k, s, g, step in zip(tap, strides, gaps, steps)
         )
-        taps.append(_product(phases[phase, offset : offset + rows], deltas))
+        # A range of the leading axis: a view, where the backend can.
+        window = _in_turn(rows, taps)[start : start + count]
+        taps.append(_product(window, deltas))
     return ops.reshape(ops.stack(taps), (*kernel_size, cin, cout))
 
 
-def _phases(x, frame, strides):
-    """``(N, *(M·s), C)`` to ``(∏s, N·∏M, C)``: phase ``r`` (in
-    ``itertools.product`` order) holds positions ``m·s + r``, flattened."""
+def _phase_rows(x, frame, strides):
+    """``(N, *(M·s), C)`` to rows ``(∏s · N·∏M, C)``: phase ``r`` (in
+    ``itertools.product`` order) is the ``r``-th block of ``N·∏M`` rows,
+    positions ``m·s + r`` flattened."""
     n, *_, c = ops.shape(x)
     if all(s == 1 for s in strides):
-        return ops.reshape(x, (1, -1, c))
+        return ops.reshape(x, (-1, c))
     rank = len(strides)
     split = ops.reshape(
         x, (n, *(v for m, s in zip(frame, strides) for v in (m, s)), c)
@@ -230,7 +233,14 @@ def _phases(x, frame, strides):
         *range(1, 2 * rank, 2),
         2 * rank + 1,
     )
-    return ops.reshape(ops.transpose(split, order), (math.prod(strides), -1, c))
+    return ops.reshape(ops.transpose(split, order), (-1, c))
+
+
+def _in_turn(x, taps):
+    """``x``, read once the last tap's product exists (see
+    ``_backend.after``): a graph would otherwise take every tap's window at
+    once, and where a window is a copy, hold them all."""
+    return _backend.after(x, taps[-1]) if taps else x
 
 
 def _padded(x, pairs):
@@ -240,5 +250,5 @@ def _padded(x, pairs):
 
 def _product(rows, deltas):
     """``rowsᵀ · deltas``: ``(M, C_in)`` and ``(M, C_out)`` to ``(C_in,
-    C_out)``."""
-    return ops.einsum("mi,mo->io", rows, deltas)
+    C_out)`` (see ``_backend.transposed_product``)."""
+    return _backend.transposed_product(rows, deltas)
