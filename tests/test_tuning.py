@@ -206,3 +206,35 @@ def test_no_form_puts_a_convolution_gradient_in_the_graph(
 def test_jax_does_not_time():
     """XLA compiles the step and picks its own way to compute each form."""
     assert _backend.times_forms() == (BACKEND != "jax")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow graphs")
+def test_a_batch_known_only_when_the_graph_runs_is_timed_at_a_stand_in(
+    tuning, monkeypatch
+):
+    """Keras traces ``fit``'s step for any batch size: the forms are timed
+    on ``STAND_IN_BATCH`` samples, and the choice serves every batch."""
+    import tensorflow as tf
+
+    timed = []
+
+    def time_forms(forms, shapes, dtype):
+        timed.append(shapes)
+        return [1.0, 0.0, 1.0][: len(forms)]
+
+    monkeypatch.setattr(_backend, "time_forms", time_forms)
+    rot, x, upstream = _layer("2d-k32-valid", "float32")
+    spec = tf.TensorSpec((None, *x.shape[1:]), "float32")
+
+    @tf.function(input_signature=[spec])
+    def kernel_gradient(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(rot(x) * upstream)
+        return tape.gradient(loss, rot.kernel)
+
+    with keras_rotconv.textbook_rules():
+        expected = to_numpy(kernel_gradient.python_function(tf.constant(x)))
+    actual = to_numpy(kernel_gradient(tf.constant(x)))
+    assert [shapes[0][0] for shapes in timed] == [_tuning.STAND_IN_BATCH]
+    assert set(_tuning.chosen().values()) == {"tap products"}
+    assert_close(actual, expected, 1e-5, "kernel gradient, any batch")
