@@ -10,8 +10,9 @@ tensors of that shape, and the fastest is kept for every later call. The
 forms compute the same sums (tests/test_rules.py holds each to its rule in
 float64), so the choice changes the values by rounding only.
 
-Only shapes with enough work are timed (``MIN_PRODUCTS``); smaller ones, a
-shape the backend does not time (JAX: XLA chooses its own), and
+Only shapes with enough work are timed (``MIN_PRODUCTS``); smaller ones,
+code the backend does not time (JAX, and TensorFlow under
+``jit_compile=True``: XLA compiles the step and chooses its own way), and
 ``KERAS_ROTCONV_TUNE=0`` in the environment, take the first form.
 """
 

@@ -238,3 +238,28 @@ def test_a_batch_known_only_when_the_graph_runs_is_timed_at_a_stand_in(
     assert [shapes[0][0] for shapes in timed] == [_tuning.STAND_IN_BATCH]
     assert set(_tuning.chosen().values()) == {"tap products"}
     assert_close(actual, expected, 1e-5, "kernel gradient, any batch")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow graphs")
+def test_a_step_xla_compiles_is_not_timed(tuning, monkeypatch):
+    """Under ``jit_compile=True`` the convolution is taken untimed (the tap
+    products raised XLA's peak memory), and outside it the same shape is
+    timed."""
+    import tensorflow as tf
+
+    asked = _winning(monkeypatch, "tap products")
+    rot, x, upstream = _layer("2d-k32-valid", "float32")
+
+    def kernel_gradient(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(rot(x) * upstream)
+        return tape.gradient(loss, rot.kernel)
+
+    compiled = tf.function(kernel_gradient, jit_compile=True)
+    dw = to_numpy(compiled(tf.constant(x)))
+    assert asked == []
+    with keras_rotconv.textbook_rules():
+        expected = to_numpy(kernel_gradient(tf.constant(x)))
+    assert_close(dw, expected, 1e-5, "kernel gradient under XLA")
+    tf.function(kernel_gradient)(tf.constant(x))
+    assert asked == [3]

@@ -244,8 +244,8 @@ def pads_by_copy(rank: int) -> bool:
 
 def times_forms() -> bool:
     """Whether ``keras_rotconv._tuning`` times the forms of a rule to choose
-    among them (TensorFlow, torch), or takes the first (JAX, whose XLA
-    compiler chooses its own way to compute each)."""
+    among them (TensorFlow, torch), or takes the first (JAX, and TensorFlow
+    while XLA compiles: XLA chooses its own way to compute each)."""
     return _impl.times_forms()
 
 
