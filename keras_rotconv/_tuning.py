@@ -30,6 +30,12 @@ from keras_rotconv import _backend
 # untimed: timing costs more than it could save.
 MIN_PRODUCTS = 10**7
 
+# Another form replaces the first (the convolution) only if it took at
+# most this fraction of its time: a near tie is left to the convolution,
+# whose memory is the built-in layer's (a tap product's strided window is a
+# copy), and timing noise does not flip the choice from run to run.
+MARGIN = 0.9
+
 # The batch timed where the layer's batch is only known when a graph runs
 # (Keras traces ``fit`` for any batch size).
 STAND_IN_BATCH = 64
@@ -70,8 +76,9 @@ def shapes_to_time(x, delta, kernel_size: Sequence[int]):
 
 def fastest(key, forms: dict[str, Callable], shapes, dtype) -> Callable:
     """The form in ``forms`` (name to ``form(x, delta)``) that ran fastest on
-    random tensors of ``shapes`` and ``dtype``, timed the first time
-    ``key`` is met. If timing fails, the first form, with a warning: the
+    random tensors of ``shapes`` and ``dtype`` (the first unless another
+    took at most ``MARGIN`` of its time), timed the first time ``key`` is
+    met. If timing fails, the first form, with a warning: the
     forms are equal, so only speed is lost."""
     with _lock:
         if key in _chosen:
@@ -81,7 +88,10 @@ def fastest(key, forms: dict[str, Callable], shapes, dtype) -> Callable:
             seconds = _backend.time_forms(
                 [forms[name] for name in names], shapes, dtype
             )
-            name = names[min(range(len(names)), key=seconds.__getitem__)]
+            best = min(range(len(names)), key=seconds.__getitem__)
+            if seconds[best] > MARGIN * seconds[0]:
+                best = 0
+            name = names[best]
         except Exception as error:  # only speed is at stake: see above
             warnings.warn(
                 f"keras_rotconv could not time the forms of {key[0]} for "

@@ -263,3 +263,20 @@ def test_a_step_xla_compiles_is_not_timed(tuning, monkeypatch):
     assert_close(dw, expected, 1e-5, "kernel gradient under XLA")
     tf.function(kernel_gradient)(tf.constant(x))
     assert asked == [3]
+
+
+@needs_timing
+def test_a_near_tie_keeps_the_convolution(tuning, monkeypatch):
+    """Another form must take at most ``MARGIN`` of the convolution's
+    time."""
+    seconds = [1.0, _tuning.MARGIN + 0.01, 1.0]
+    monkeypatch.setattr(
+        _backend, "time_forms", lambda forms, *_: seconds[: len(forms)]
+    )
+    rot, x, upstream = _layer("2d-k32-valid")
+    gradients(_cleared(rot), x, upstream)
+    assert set(_tuning.chosen().values()) == {"convolution"}
+    _tuning.forget()
+    seconds[1] = _tuning.MARGIN - 0.01
+    gradients(_cleared(rot), x, upstream)
+    assert set(_tuning.chosen().values()) == {"tap products"}
