@@ -52,6 +52,12 @@ def crop_negative(x, widths):
     return x
 
 
+def pad_spatial(x, widths):
+    """``x`` with ``widths[axis] = (before, after)`` zeros written out on
+    each spatial axis, or ``-width`` entries cut off where negative."""
+    return pad(crop_negative(x, widths), [(0, 0), *added_zeros(widths), (0, 0)])
+
+
 def crop(x, axis, length):
     """Keep the first ``length`` entries of ``axis``."""
     return window(x, axis, 0, length)

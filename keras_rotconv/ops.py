@@ -203,12 +203,10 @@ def kernel_gradient(
             x, delta, kernel_size, strides, pairs, dilation
         ),
     }
-    if max(strides) == 1:
-        # (At a stride the flat form's phase split is one more copy of
-        # the input, which raised the step's peak memory: measured.)
+    if sums.is_flat(strides):
         forms["tap products, flat"] = lambda x, delta: (
             sums.kernel_gradient_by_flat_taps(
-                x, delta, kernel_size, strides, pairs, dilation
+                x, delta, kernel_size, pairs, dilation
             )
         )
     key = (

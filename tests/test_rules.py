@@ -143,35 +143,44 @@ def _one_group(name):
 
 
 def _one_group_flat(name):
-    return _one_group(name) and sums.is_flat(CASES[name][2], CASES[name][3])
+    return _one_group(name) and sums.is_flat(CASES[name][2])
 
 
-@pytest.mark.parametrize("name", _names(_one_group))
-def test_tap_products_equal_the_rule(name):
+# The kernel gradient's tap-product forms, called as (x, delta, kernel,
+# the case's rule arguments), and the cases each applies to.
+TAP_FORMS = {
+    "tap products": (
+        lambda x, delta, kernel, args: sums.kernel_gradient_by_taps(
+            x, delta, kernel, args["strides"], args["pairs"], args["dilation"]
+        ),
+        _one_group,
+    ),
+    "flat tap products": (
+        lambda x, delta, kernel, args: sums.kernel_gradient_by_flat_taps(
+            x, delta, kernel, args["pairs"], args["dilation"]
+        ),
+        _one_group_flat,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "form, name",
+    [
+        (form, name)
+        for form, (_, applies) in TAP_FORMS.items()
+        for name in _names(applies)
+    ],
+)
+def test_tap_products_equal_the_rule(form, name):
     x, w, delta, args = _case(name)
     kernel = w.shape[:-2]
     expected = rules.kernel_gradient(x, delta, kernel, **args)
-    del args["groups"]
-    actual = sums.kernel_gradient_by_taps(
+    actual = TAP_FORMS[form][0](
         keras.ops.convert_to_tensor(x),
         keras.ops.convert_to_tensor(delta),
         kernel,
-        **args,
-    )
-    assert_close(to_numpy(actual), to_numpy(expected), FORM_RTOL, name)
-
-
-@pytest.mark.parametrize("name", _names(_one_group_flat))
-def test_flat_tap_products_equal_the_rule(name):
-    x, w, delta, args = _case(name)
-    kernel = w.shape[:-2]
-    expected = rules.kernel_gradient(x, delta, kernel, **args)
-    del args["groups"]
-    actual = sums.kernel_gradient_by_flat_taps(
-        keras.ops.convert_to_tensor(x),
-        keras.ops.convert_to_tensor(delta),
-        kernel,
-        **args,
+        args,
     )
     assert_close(to_numpy(actual), to_numpy(expected), FORM_RTOL, name)
 

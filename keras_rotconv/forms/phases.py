@@ -17,7 +17,14 @@ from keras import ops
 
 from keras_rotconv import _backend, rules
 from keras_rotconv import ops as rotconv_ops
-from keras_rotconv._shapes import added_zeros, crop, crop_negative, pad, window
+from keras_rotconv._shapes import (
+    added_zeros,
+    crop,
+    crop_negative,
+    pad,
+    pad_spatial,
+    window,
+)
 
 
 def applies_to_input_delta(strides, dilation) -> bool:
@@ -236,9 +243,7 @@ def kernel_gradient_by_phases(
         for axis in range(rank)
     ]
     widths = [axis.x_widths for axis in axes]
-    padded = pad(
-        crop_negative(x, widths), [(0, 0), *added_zeros(widths), (0, 0)]
-    )
+    padded = pad_spatial(x, widths)
     conv_args = (
         [axis.conv_stride for axis in axes],
         [axis.conv_dilation for axis in axes],
@@ -277,10 +282,7 @@ def _padded_after_delta(rows, delta, axes, kernel_size):
     soon as the input exists, during the forward pass, and keep it beside
     the window (see benchmarks/results/README.md, "Measured figures")."""
     reads = [axis.reads(k) for axis, k in zip(axes, kernel_size)]
-    rows = pad(
-        crop_negative(_backend.after(rows, delta), reads),
-        [(0, 0), *added_zeros(reads), (0, 0)],
-    )
+    rows = pad_spatial(_backend.after(rows, delta), reads)
     axes = [
         axis._replace(read_before=0, read_after=-k)
         for axis, k in zip(axes, kernel_size)

@@ -18,13 +18,7 @@ from collections.abc import Sequence
 from keras import ops
 
 from keras_rotconv import _backend
-from keras_rotconv._shapes import (
-    added_zeros,
-    at_least_zero,
-    crop_negative,
-    is_zero,
-    pad,
-)
+from keras_rotconv._shapes import is_zero, pad, pad_spatial
 
 
 def is_pointwise(kernel_size, strides, pairs) -> bool:
@@ -120,7 +114,7 @@ def kernel_gradient_by_taps(
     k·dilation, i] · delta[n, p, o]`` is one matrix product of that window,
     the positions ``(n, p)`` its rows, with the delta. One product per tap;
     the window is a strided slice."""
-    padded = _padded(x, pairs)
+    padded = pad_spatial(x, pairs)
     cin, cout = x.shape[-1], delta.shape[-1]
     lengths = ops.shape(delta)[1:-1]
     deltas = ops.reshape(delta, (-1, cout))
@@ -139,101 +133,54 @@ def kernel_gradient_by_taps(
     return ops.reshape(ops.stack(taps), (*kernel_size, cin, cout))
 
 
-def is_flat(strides, dilation) -> bool:
-    """Whether ``kernel_gradient_by_flat_taps`` applies: no axis both
-    strided and dilated (Keras refuses them together)."""
-    return all(s == 1 or d == 1 for s, d in zip(strides, dilation))
+def is_flat(strides) -> bool:
+    """Whether ``kernel_gradient_by_flat_taps`` applies: stride 1. (With a
+    stride, splitting the input into phases first would make the windows
+    ranges again, but that split is one more copy of the input, which
+    raised a train step's peak memory: benchmarks/results/README.md.)"""
+    return all(s == 1 for s in strides)
 
 
 def kernel_gradient_by_flat_taps(
-    x,
-    delta,
-    kernel_size: Sequence[int],
-    strides: Sequence[int],
-    pairs,
-    dilation: Sequence[int],
+    x, delta, kernel_size: Sequence[int], pairs, dilation: Sequence[int]
 ):
-    """``kernel_gradient_by_taps`` with each tap's window a plain range of
-    rows: no copy at stride 1, one (the phase split) otherwise.
+    """``kernel_gradient_by_taps`` at stride 1, each tap's window a plain
+    range of rows, no copy.
 
-    Split each strided axis of the padded input into its ``s`` phases:
-    tap ``k = j·s + r`` reads position ``p·s + k = (p + j)·s + r``, position
-    ``p + j`` of phase ``r`` (``p + k·dilation`` of the one phase at stride
-    1). Flatten each phase ``(N, *M, C)`` to rows ``(N·∏M, C)``, ``M`` the
-    delta's ``L`` plus the farthest tap: position ``p + j`` of sample ``n``
-    is row ``q + offset(j)``, where ``q`` is the row of ``p``. Place the
-    delta in the same frame, zeros after each axis's ``L`` positions. Then
-    tap ``k``'s product runs over the rows ``q`` of the delta and ``q +
-    offset(j)`` of phase ``r``, both plain ranges: a row ``q`` outside the
-    delta's positions meets a zero, and one inside reads within its own
-    sample. The frame's zeros cost extra products, ``∏M / ∏L`` times as
-    many.
+    Flatten the padded input ``(N, *P, C)`` to rows ``(N·∏P, C)``:
+    position ``p + k·dilation`` of sample ``n`` is row ``q + offset(k)``,
+    where ``q`` is the row of ``p``. Place the delta in the same frame,
+    zeros after each axis's ``L`` positions. Then tap ``k``'s product runs
+    over the rows ``q`` of the delta and ``q + offset(k)`` of the input,
+    both plain ranges: a row ``q`` outside the delta's positions meets a
+    zero, and one inside reads within its own sample (``p + k·dilation <
+    P`` at stride 1). The frame's zeros cost extra products, ``∏P / ∏L``
+    times as many.
     """
-    padded = _padded(x, pairs)
+    padded = pad_spatial(x, pairs)
     n, *sizes, cin = ops.shape(padded)
     cout = delta.shape[-1]
     lengths = ops.shape(delta)[1:-1]
-    # Per axis: the step between taps within a phase, the taps per phase,
-    # and the frame M.
-    gaps = [d if s == 1 else 1 for s, d in zip(strides, dilation)]
-    counts = [-(-k // s) for k, s in zip(kernel_size, strides)]
-    frame = [
-        length + (t - 1) * gap for length, t, gap in zip(lengths, counts, gaps)
-    ]
-    # The padded input cut or padded to the phases' frames, then split.
-    padded = pad(
-        crop_negative(
-            padded,
-            [(0, m * s - size) for m, s, size in zip(frame, strides, sizes)],
-        ),
-        [(0, 0), *((0, at_least_zero(m * s - size))
-                   for m, s, size in zip(frame, strides, sizes)), (0, 0)],
-    )  # fmt: skip
-    rows = _phase_rows(padded, frame, strides)
     framed = pad(
         delta,
-        [(0, 0), *((0, m - length) for m, length in zip(frame, lengths)),
+        [(0, 0), *((0, size - length) for size, length in zip(sizes, lengths)),
          (0, 0)],
     )  # fmt: skip
     # Row steps of each spatial axis within one sample.
-    steps = [math.prod(frame[axis + 1 :]) for axis in range(len(frame))]
-    span = sum((t - 1) * g * step for t, g, step in zip(counts, gaps, steps))
-    per_phase = n * math.prod(frame)
-    count = per_phase - span
+    steps = [math.prod(sizes[axis + 1 :]) for axis in range(len(sizes))]
+    span = sum(
+        (k - 1) * d * step for k, d, step in zip(kernel_size, dilation, steps)
+    )
+    count = n * math.prod(sizes) - span
+    rows = ops.reshape(padded, (-1, cin))
     deltas = ops.reshape(framed, (-1, cout))[:count]
     taps = []
     for tap in itertools.product(*map(range, kernel_size)):
-        phase = 0
-        for k, s in zip(tap, strides):
-            phase = phase * s + k % s
-        start = phase * per_phase + sum(
-            (k // s) * g * step
-            for k, s, g, step in zip(tap, strides, gaps, steps)
-        )
+        start = sum(k * d * step for k, d, step in zip(tap, dilation, steps))
         # A range of the leading axis: a view, where the backend can.
         window = _in_turn(rows, taps)[start : start + count]
         taps.append(_product(window, deltas))
     return ops.reshape(ops.stack(taps), (*kernel_size, cin, cout))
-
-
-def _phase_rows(x, frame, strides):
-    """``(N, *(M·s), C)`` to rows ``(∏s · N·∏M, C)``: phase ``r`` (in
-    ``itertools.product`` order) is the ``r``-th block of ``N·∏M`` rows,
-    positions ``m·s + r`` flattened."""
-    n, *_, c = ops.shape(x)
-    if all(s == 1 for s in strides):
-        return ops.reshape(x, (-1, c))
-    rank = len(strides)
-    split = ops.reshape(
-        x, (n, *(v for m, s in zip(frame, strides) for v in (m, s)), c)
-    )
-    order = (
-        *range(2, 2 * rank + 1, 2),
-        0,
-        *range(1, 2 * rank, 2),
-        2 * rank + 1,
-    )
-    return ops.reshape(ops.transpose(split, order), (-1, c))
 
 
 def _in_turn(x, taps):
@@ -241,11 +188,6 @@ def _in_turn(x, taps):
     ``_backend.after``): a graph would otherwise take every tap's window at
     once, and where a window is a copy, hold them all."""
     return _backend.after(x, taps[-1]) if taps else x
-
-
-def _padded(x, pairs):
-    """``x`` with the forward padding written out (negative widths crop)."""
-    return pad(crop_negative(x, pairs), [(0, 0), *added_zeros(pairs), (0, 0)])
 
 
 def _product(rows, deltas):
