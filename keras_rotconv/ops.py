@@ -203,7 +203,7 @@ def kernel_gradient(
             x, delta, kernel_size, strides, pairs, dilation
         ),
     }
-    if sums.is_flat(strides):
+    if sums.is_flat(x, delta, kernel_size, strides, pairs, dilation):
         forms["tap products, flat"] = lambda x, delta: (
             sums.kernel_gradient_by_flat_taps(
                 x, delta, kernel_size, pairs, dilation

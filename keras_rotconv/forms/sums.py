@@ -133,12 +133,20 @@ def kernel_gradient_by_taps(
     return ops.reshape(ops.stack(taps), (*kernel_size, cin, cout))
 
 
-def is_flat(strides) -> bool:
-    """Whether ``kernel_gradient_by_flat_taps`` applies: stride 1. (With a
-    stride, splitting the input into phases first would make the windows
-    ranges again, but that split is one more copy of the input, which
-    raised a train step's peak memory: benchmarks/results/README.md.)"""
-    return all(s == 1 for s in strides)
+def is_flat(x, delta, kernel_size, strides, pairs, dilation) -> bool:
+    """Whether ``kernel_gradient_by_flat_taps`` applies: stride 1, and the
+    delta has one position per window of the padded input (not the zero
+    position ``_shapes.at_least_one_position`` gives an empty output).
+    (With a stride, splitting the input into phases first would make the
+    windows ranges again, but that split is one more copy of the input,
+    which raised a train step's peak memory: benchmarks/results/README.md.)
+    """
+    return all(s == 1 for s in strides) and all(
+        size + before + after - (k - 1) * d == length
+        for size, length, k, d, (before, after) in zip(
+            x.shape[1:-1], delta.shape[1:-1], kernel_size, dilation, pairs
+        )
+    )
 
 
 def kernel_gradient_by_flat_taps(
