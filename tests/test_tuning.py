@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import (
     BACKEND,
+    FLOAT64_RTOL,
     LAYERS,
     TF_CONV_GRADIENTS,
     assert_close,
@@ -72,13 +73,15 @@ def _winning(monkeypatch, winner):
     return asked
 
 
-def _layer(name, dtype="float64"):
+def _layer(name, dtype="float64", with_twin=False):
     rank, config, shape = CASES[name]
     config = dict(config, filters=4, dtype=dtype)
-    rot, _ = make_twins(*LAYERS[rank], config, shape)
+    rot, twin = make_twins(*LAYERS[rank], config, shape)
     rng = np.random.default_rng(2)
     x = rng.standard_normal(shape).astype(dtype)
     upstream = rng.standard_normal(rot.compute_output_shape(shape))
+    if with_twin:
+        return rot, twin, x, upstream.astype(dtype)
     return rot, x, upstream.astype(dtype)
 
 
@@ -111,8 +114,11 @@ def _forms_of(name):
     [(name, form) for name in CASES for form in _forms_of(name)],
 )
 def test_each_form_gives_the_rules_gradients(name, form, tuning, monkeypatch):
+    """Against the textbook rules (first and second order, 1e-12) and the
+    built-in layer's own gradients under the backend's autodiff (first
+    order, float64 1e-10): an oracle outside this package."""
     asked = _winning(monkeypatch, form)
-    rot, x, upstream = _layer(name)
+    rot, twin, x, upstream = _layer(name, with_twin=True)
     with keras_rotconv.textbook_rules():
         expected = _all_gradients(rot, x, upstream)
     actual = _all_gradients(rot, x, upstream)
@@ -120,6 +126,10 @@ def test_each_form_gives_the_rules_gradients(name, form, tuning, monkeypatch):
     assert set(_tuning.chosen().values()) == {form}
     for what, value in expected.items():
         assert_close(actual[what], value, FORM_RTOL, f"{form}: {what}")
+    _, dx_builtin, dvars_builtin = gradients(_cleared(twin), x, upstream)
+    assert_close(actual["dx"], dx_builtin, FLOAT64_RTOL, f"{form}: dx")
+    for what, value in dvars_builtin.items():
+        assert_close(actual[what], value, FLOAT64_RTOL, f"{form}: {what}")
 
 
 @needs_timing
