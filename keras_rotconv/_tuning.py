@@ -85,13 +85,10 @@ def fastest(key, forms: dict[str, Callable], shapes, dtype) -> Callable:
             return forms[_chosen[key]]
         names = list(forms)
         try:
-            seconds = _backend.time_forms(
-                [forms[name] for name in names], shapes, dtype
-            )
-            best = min(range(len(names)), key=seconds.__getitem__)
-            if seconds[best] > MARGIN * seconds[0]:
-                best = 0
-            name = names[best]
+            seconds = _time(forms, shapes, dtype)
+            name = min(names, key=seconds.__getitem__)
+            if seconds[name] > MARGIN * seconds[names[0]]:
+                name = names[0]
         except Exception as error:  # only speed is at stake: see above
             warnings.warn(
                 f"keras_rotconv could not time the forms of {key[0]} for "
@@ -103,6 +100,15 @@ def fastest(key, forms: dict[str, Callable], shapes, dtype) -> Callable:
             name = names[0]
         _chosen[key] = name
         return forms[name]
+
+
+def _time(forms: dict[str, Callable], shapes, dtype) -> dict[str, float]:
+    """The seconds each form took (``_backend.time_forms``), by name."""
+    names = list(forms)
+    seconds = _backend.time_forms(
+        [forms[name] for name in names], shapes, dtype
+    )
+    return dict(zip(names, seconds))
 
 
 def chosen() -> dict:

@@ -195,7 +195,8 @@ def kernel_gradient(
     )
     if shapes is None:
         return convolution(*args)
-    # One group: also a matrix product per tap; the fastest form is timed.
+    # One group: also matrix products of the taps' windows with the delta;
+    # the fastest form is timed.
     rest = args[2:]
     forms = {
         "convolution": lambda x, delta: convolution(x, delta, *rest),
@@ -208,6 +209,10 @@ def kernel_gradient(
             sums.kernel_gradient_by_flat_taps(
                 x, delta, kernel_size, pairs, dilation
             )
+        )
+    if sums.is_narrow(x, delta, kernel_size):
+        forms["tap rows"] = lambda x, delta: sums.kernel_gradient_by_rows(
+            x, delta, kernel_size, strides, pairs, dilation
         )
     key = (
         "kernel_gradient",

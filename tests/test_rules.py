@@ -164,6 +164,12 @@ TAP_FORMS = {
         ),
         _one_group_flat,
     ),
+    "tap rows": (
+        lambda x, delta, kernel, args: sums.kernel_gradient_by_rows(
+            x, delta, kernel, args["strides"], args["pairs"], args["dilation"]
+        ),
+        _one_group,
+    ),
 }
 
 

@@ -264,6 +264,12 @@ def transposed_product(a, b):
     return _impl.transposed_product(a, b)
 
 
+def product(a, b):
+    """``a · b`` of two matrices ``(I, M)`` and ``(M, O)`` (not
+    ``keras.ops.matmul``: see ``transposed_product``)."""
+    return _impl.product(a, b)
+
+
 def device_kind(x) -> str:
     """The kind of device ``x`` is on (``"CPU"``, ``"GPU"``, ...; empty
     where not placed yet): timings differ by kind, not between a kind's

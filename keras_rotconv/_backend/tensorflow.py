@@ -178,6 +178,10 @@ def transposed_product(a, b):
     return tf.matmul(a, b, transpose_a=True)
 
 
+def product(a, b):
+    return tf.matmul(a, b)
+
+
 def device_kind(x):
     return tf.DeviceSpec.from_string(x.device or "").device_type or ""
 

@@ -110,11 +110,14 @@ def pads_by_copy(rank: int) -> bool:
 
 
 def transposed_product(a, b):
+    return product(a.t(), b)
+
+
+def product(a, b):
     if a.device.type == "cpu" and a.dtype == torch.float16:
         # As keras.ops.matmul does on CPU: float16 summed in float32.
-        product = torch.matmul(a.float().t(), b.float())
-        return product.to(torch.float16)
-    return torch.matmul(a.t(), b)
+        return torch.matmul(a.float(), b.float()).to(torch.float16)
+    return torch.matmul(a, b)
 
 
 def device_kind(x):

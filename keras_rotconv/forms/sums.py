@@ -191,6 +191,57 @@ def kernel_gradient_by_flat_taps(
     return ops.reshape(ops.stack(taps), (*kernel_size, cin, cout))
 
 
+def is_narrow(x, delta, kernel_size) -> bool:
+    """Whether ``kernel_gradient_by_rows`` applies within the delta's
+    memory: its matrix, ``∏K·C_in`` rows as long as the delta's positions,
+    holds no more entries than the delta (``C_out`` per position), as at
+    a first layer (one to three input channels)."""
+    return math.prod(kernel_size) * x.shape[-1] <= delta.shape[-1]
+
+
+def kernel_gradient_by_rows(
+    x,
+    delta,
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    pairs,
+    dilation: Sequence[int],
+):
+    """``kernel_gradient_by_taps`` as one matrix product: each tap's window
+    of every input channel is a row (``(n, p)`` along it), the rows of all
+    taps one matrix ``(∏K·C_in, N·∏L)``, times the delta ``(N·∏L,
+    C_out)``. Copies the windows once (the matrix); one product, with the
+    positions as the summed axis of a row-major matrix, is faster than a
+    product per tap where ``C_in`` is small (benchmarks/results/README.md).
+    """
+    # The matrix is ∏K times the input: made from the input once the delta
+    # exists, or a graph makes it during the forward pass and holds it.
+    # (A copy as large as the input is better made early, as the other
+    # forms' are: the input is then freed, rather than held beside it.)
+    padded = pad_spatial(_backend.after(x, delta), pairs)
+    rank = len(kernel_size)
+    # (C_in, N, *P): each channel's positions in a row.
+    channels = ops.transpose(padded, (rank + 1, *range(rank + 1)))
+    cin, cout = x.shape[-1], delta.shape[-1]
+    lengths = ops.shape(delta)[1:-1]
+    windows = [
+        channels[
+            (
+                slice(None),
+                slice(None),
+                *(
+                    slice(k * d, k * d + (length - 1) * s + 1, s)
+                    for k, d, s, length in zip(tap, dilation, strides, lengths)
+                ),
+            )
+        ]
+        for tap in itertools.product(*map(range, kernel_size))
+    ]
+    rows = ops.reshape(ops.stack(windows), (len(windows) * cin, -1))
+    grad = _backend.product(rows, ops.reshape(delta, (-1, cout)))
+    return ops.reshape(grad, (*kernel_size, cin, cout))
+
+
 def _in_turn(x, taps):
     """``x``, read once the last tap's product exists (see
     ``_backend.after``): a graph would otherwise take every tap's window at
