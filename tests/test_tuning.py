@@ -30,7 +30,13 @@ from keras_rotconv import _backend, _tuning
 
 # Every form the tuner may be offered, in the order keras_rotconv.ops
 # hands them to it.
-FORMS = ("convolution", "tap products", "tap products, flat", "tap rows")
+FORMS = (
+    "convolution",
+    "one convolution",
+    "tap products",
+    "tap products, flat",
+    "tap rows",
+)
 
 # Same sums, different order: float64 rounding (see test_rules.FORM_RTOL).
 FORM_RTOL = 1e-12
@@ -110,17 +116,21 @@ def _all_gradients(rot, x, upstream):
 
 
 def _forms_of(name):
-    """The forms offered: the flat products at stride 1 only (their phase
-    split raised a strided step's peak memory), the tap rows where their
-    matrix is no larger than the delta."""
-    strided = "-s2" in name
-    narrow = "narrow" in name
-    return [
-        form
-        for form in FORMS
-        if not (strided and "flat" in form)
-        and not (not narrow and "rows" in form)
-    ]
+    """The forms offered: the rule's one convolution where the first form
+    is the phase split (a stride, or TensorFlow's 1D and 3D padding
+    copied once the delta exists), the flat products at stride 1 only
+    (their phase split raised a strided step's peak memory), the tap rows
+    where their matrix is no larger than the delta."""
+    rank, config, _ = CASES[name]
+    strided = config.get("strides", 1) != 1
+    offered = {
+        "convolution": True,
+        "one convolution": strided or _backend.pads_by_copy(rank),
+        "tap products": True,
+        "tap products, flat": not strided,
+        "tap rows": "narrow" in name,
+    }
+    return [form for form in FORMS if offered[form]]
 
 
 @needs_timing
@@ -224,7 +234,7 @@ def test_a_real_timing_picks_a_form_with_the_rules_values(tuning):
 @pytest.mark.parametrize(
     "name, form",
     [("2d-k32-valid", form) for form in _forms_of("2d-k32-valid")]
-    + [("2d-s21-narrow", "tap rows")],
+    + [("2d-s2-same", "one convolution"), ("2d-s21-narrow", "tap rows")],
 )
 def test_no_form_puts_a_convolution_gradient_in_the_graph(
     name, form, tuning, monkeypatch
