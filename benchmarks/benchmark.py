@@ -58,6 +58,7 @@ import keras
 import numpy as np
 
 import keras_rotconv
+from keras_rotconv import _tuning
 from keras_rotconv.tools import models as package_models
 
 BUILTIN = {1: "Conv1D", 2: "Conv2D", 3: "Conv3D"}
@@ -334,6 +335,13 @@ def time_pair(rot, builtin, batch, blocks, block_seconds) -> dict:
     }
 
 
+def new_choices(before: dict) -> list[str]:
+    """The kernel-gradient forms the timed choice (``keras_rotconv._tuning``)
+    made since ``before``, one per shape, in the order met: the timing and
+    the memory processes each choose by timing, and may differ."""
+    return [name for key, name in _tuning.chosen().items() if key not in before]
+
+
 def time_case(case, quick, jit_modes, blocks, block_seconds) -> list[dict]:
     """One result per RotConv ``jit_compile`` mode: its ratio to the
     built-in layer in the same mode, and ``against_fastest``, its ratio to
@@ -341,9 +349,11 @@ def time_case(case, quick, jit_modes, blocks, block_seconds) -> list[dict]:
     median step time of the same-mode pairs), timed as its own interleaved
     pair unless it is the same pair."""
     found, batch = case_models(case, quick, jit_modes)
+    before = _tuning.chosen()
     # Warm up: trace and compile, then let caches settle.
     for model in found.values():
         time_steps(model, batch, 2)
+    forms = new_choices(before)
     same = {
         mode: time_pair(
             found["rotconv", mode],
@@ -373,6 +383,7 @@ def time_case(case, quick, jit_modes, blocks, block_seconds) -> list[dict]:
         }
         result = {"case": case.name, "jit_compile": mode, **same[mode]}
         result["against_fastest"] = against
+        result["kernel_gradient_forms"] = forms
         results.append(result)
     return results
 
@@ -440,11 +451,13 @@ def memory_worker(case_names, quick, jit_modes):
             continue
         for jit_compile in jit_modes:
             rot, builtin, batch = twins(case, quick, jit_compile)
+            before = _tuning.chosen()
             result = {
                 "case": case.name,
                 "jit_compile": jit_compile,
                 "rotconv_bytes": step_memory(rot, batch, repeats),
                 "builtin_bytes": step_memory(builtin, batch, repeats),
+                "kernel_gradient_forms": new_choices(before),
             }
             print(json.dumps(result), flush=True)
 
@@ -474,8 +487,8 @@ def start_memory(case_names, quick, jit_modes) -> subprocess.Popen:
 
 
 def collect_memory(process: subprocess.Popen) -> dict:
-    """``{(case, jit_compile): (rotconv_bytes, builtin_bytes)}`` from the
-    process ``start_memory`` started."""
+    """``{(case, jit_compile): (rotconv_bytes, builtin_bytes, forms)}`` from
+    the process ``start_memory`` started."""
     stdout, stderr = process.communicate()
     if process.returncode:
         raise RuntimeError(f"the memory worker failed:\n{stderr[-3000:]}")
@@ -483,7 +496,11 @@ def collect_memory(process: subprocess.Popen) -> dict:
         json.loads(line) for line in stdout.splitlines() if line[:1] == "{"
     ]
     return {
-        (r["case"], r["jit_compile"]): (r["rotconv_bytes"], r["builtin_bytes"])
+        (r["case"], r["jit_compile"]): (
+            r["rotconv_bytes"],
+            r["builtin_bytes"],
+            r["kernel_gradient_forms"],
+        )
         for r in results
     }
 
@@ -820,11 +837,12 @@ def measure(cases, args, jit_modes, with_memory) -> list[dict]:
     for result in results:
         if with_memory:
             key = result["case"], result["jit_compile"]
-            rot_bytes, builtin_bytes = memory[key]
+            rot_bytes, builtin_bytes, forms = memory[key]
             result.update(
                 rotconv_bytes=rot_bytes,
                 builtin_bytes=builtin_bytes,
                 memory_ratio=rot_bytes / builtin_bytes,
+                memory_kernel_gradient_forms=forms,
             )
         print_result(result, with_memory)
     return results

@@ -277,7 +277,7 @@ def device_kind(x) -> str:
     return _impl.device_kind(x)
 
 
-def _least_seconds(calls: Sequence[Callable], repeats: int = 3):
+def _least_seconds(calls: Sequence[Callable], repeats: int = 5):
     """The least wall time of ``repeats`` rounds of ``calls``, each call
     timed on its own, in turn, after one untimed round."""
     import time
