@@ -24,7 +24,7 @@ from keras import ops
 from keras_rotconv import _backend, _tuning, rules
 from keras_rotconv._shapes import at_least_one_position, at_least_one_sample
 from keras_rotconv._shapes import at_least_zero as _at_least_zero
-from keras_rotconv.forms import phases, sums
+from keras_rotconv.forms import layouts, phases, sums
 from keras_rotconv.rules import rot180, spread
 
 __all__ = [
@@ -204,6 +204,12 @@ def kernel_gradient(
         # with oneDNN, and on torch, often faster than the phase split.
         forms["one convolution"] = lambda x, delta: rules.kernel_gradient(
             x, delta, *rest
+        )
+    if layouts.applies_to_kernel_gradient(kernel_size, groups):
+        forms["convolution over channels"] = lambda x, delta: (
+            layouts.kernel_gradient_over_channels(
+                x, delta, kernel_size, strides, pairs, dilation
+            )
         )
     forms["tap products"] = lambda x, delta: sums.kernel_gradient_by_taps(
         x, delta, kernel_size, strides, pairs, dilation

@@ -25,7 +25,7 @@ from conftest import (
 
 import keras_rotconv
 from keras_rotconv import ops, rules
-from keras_rotconv.forms import phases, sums
+from keras_rotconv.forms import layouts, phases, sums
 
 # The form and the rule add the same products in a different order (or, for
 # the phases, leave out products with an inserted zero): float64 rounding of
@@ -169,6 +169,12 @@ TAP_FORMS = {
             x, delta, kernel, args["strides"], args["pairs"], args["dilation"]
         ),
         _one_group,
+    ),
+    "convolution over channels": (
+        lambda x, delta, kernel, args: layouts.kernel_gradient_over_channels(
+            x, delta, kernel, args["strides"], args["pairs"], args["dilation"]
+        ),
+        lambda name: _one_group(name) and not name.startswith("3d"),
     ),
 }
 

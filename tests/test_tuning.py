@@ -33,6 +33,7 @@ from keras_rotconv import _backend, _tuning
 FORMS = (
     "convolution",
     "one convolution",
+    "convolution over channels",
     "tap products",
     "tap products, flat",
     "tap rows",
@@ -82,6 +83,12 @@ def _winning(monkeypatch, winner):
     return asked
 
 
+def _seconds_of(name, seconds):
+    """What ``_backend.time_forms`` returns for the forms offered to case
+    ``name``: ``seconds[form]``, 1.0 for a form not named."""
+    return [seconds.get(form, 1.0) for form in _forms_of(name)]
+
+
 def _first_choice():
     """The form chosen for the first shape timed."""
     return next(iter(_tuning.chosen().values()))
@@ -117,8 +124,9 @@ def _all_gradients(rot, x, upstream):
 
 def _forms_of(name):
     """The forms offered: the rule's one convolution where the first form
-    is the phase split (a stride, or TensorFlow's 1D and 3D padding
-    copied once the delta exists), the flat products at stride 1 only
+    is the phase split (a stride, or TensorFlow's 1D and 3D padding copied
+    once the delta exists), the convolution over channels for 1D and 2D
+    layers, the flat products at stride 1 only
     (their phase split raised a strided step's peak memory), the tap rows
     where their matrix is no larger than the delta."""
     rank, config, _ = CASES[name]
@@ -126,6 +134,7 @@ def _forms_of(name):
     offered = {
         "convolution": True,
         "one convolution": strided or _backend.pads_by_copy(rank),
+        "convolution over channels": rank <= 2,
         "tap products": True,
         "tap products, flat": not strided,
         "tap rows": "narrow" in name,
@@ -234,7 +243,8 @@ def test_a_real_timing_picks_a_form_with_the_rules_values(tuning):
 @pytest.mark.parametrize(
     "name, form",
     [("2d-k32-valid", form) for form in _forms_of("2d-k32-valid")]
-    + [("2d-s2-same", "one convolution"), ("2d-s21-narrow", "tap rows")],
+    + [("2d-s2-same", "one convolution"), ("2d-s21-narrow", "tap rows")]
+    + [("2d-s2-same", "convolution over channels")],
 )
 def test_no_form_puts_a_convolution_gradient_in_the_graph(
     name, form, tuning, monkeypatch
@@ -263,7 +273,7 @@ def test_a_batch_known_only_when_the_graph_runs_is_timed_at_a_stand_in(
 
     def time_forms(forms, shapes, dtype):
         timed.append(shapes)
-        return [1.0, 0.0, 1.0][: len(forms)]
+        return _seconds_of("2d-k32-valid", {"tap products": 0.0})
 
     monkeypatch.setattr(_backend, "time_forms", time_forms)
     rot, x, upstream = _layer("2d-k32-valid", "float32")
@@ -312,14 +322,16 @@ def test_a_step_xla_compiles_is_not_timed(tuning, monkeypatch):
 def test_a_near_tie_keeps_the_convolution(tuning, monkeypatch):
     """Another form must take at most ``MARGIN`` of the convolution's
     time."""
-    seconds = [1.0, _tuning.MARGIN + 0.01, 1.0]
+    seconds = {"tap products": _tuning.MARGIN + 0.01}
     monkeypatch.setattr(
-        _backend, "time_forms", lambda forms, *_: seconds[: len(forms)]
+        _backend,
+        "time_forms",
+        lambda forms, *_: _seconds_of("2d-k32-valid", seconds),
     )
     rot, x, upstream = _layer("2d-k32-valid")
     gradients(_cleared(rot), x, upstream)
     assert set(_tuning.chosen().values()) == {"convolution"}
     _tuning.forget()
-    seconds[1] = _tuning.MARGIN - 0.01
+    seconds["tap products"] = _tuning.MARGIN - 0.01
     gradients(_cleared(rot), x, upstream)
     assert set(_tuning.chosen().values()) == {"tap products"}
