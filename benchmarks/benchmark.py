@@ -22,7 +22,10 @@ False and True; JAX: True; torch: False, and True, ``torch.compile``, with
   for both twins). The allocator only keeps these statistics in its BFC
   variant, so this runs in a separate process started with
   ``TF_CPU_ALLOCATOR_USE_BFC=true``; XLA's buffers come from the same
-  allocator, so the compiled cases are counted as well.
+  allocator, so the compiled cases are counted as well. It runs after the
+  timing, and the kernel-gradient forms the timing process chose by timing
+  (``keras_rotconv._tuning``) are handed to it, so that the memory is that
+  of the forms timed; each result lists them (``kernel_gradient_forms``).
 
 Results go to ``<out>/benchmark_<backend>[_quick].json`` and a bar chart next
 to it. Run from the repository root::
@@ -442,9 +445,25 @@ def _peak_requested_bytes(logdir: str) -> int:
     return peak
 
 
+# The environment variable that hands the timing process's choices of form
+# to the memory worker: a Python literal of (key, form name) pairs.
+CHOICES_VARIABLE = "KERAS_ROTCONV_BENCHMARK_CHOICES"
+
+
+def adopt_choices() -> None:
+    """Takes the forms chosen in the timing process as this process's own
+    (``CHOICES_VARIABLE``); shapes it did not meet are timed here."""
+    import ast
+
+    for key, name in ast.literal_eval(os.environ.get(CHOICES_VARIABLE, "[]")):
+        _tuning._chosen[key] = name
+
+
 def memory_worker(case_names, quick, jit_modes):
     """Runs in the BFC-allocator process: prints one JSON line per case and
-    ``jit_compile`` setting."""
+    ``jit_compile`` setting, with the forms it chose itself (shapes the
+    timing process did not hand over; none when it ran first)."""
+    adopt_choices()
     repeats = 1 if quick else 7
     for case in CASES:
         if case.name not in case_names:
@@ -462,10 +481,16 @@ def memory_worker(case_names, quick, jit_modes):
             print(json.dumps(result), flush=True)
 
 
-def start_memory(case_names, quick, jit_modes) -> subprocess.Popen:
+def start_memory(
+    case_names, quick, jit_modes, choices=None
+) -> subprocess.Popen:
     """Starts the memory measurement in a separate process with the BFC
-    allocator; ``collect_memory`` waits for its results."""
+    allocator; ``collect_memory`` waits for its results. ``choices``
+    (``_tuning.chosen()`` of the timing process) are handed over, so that
+    the memory is that of the forms timed."""
     env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+    if choices:
+        env[CHOICES_VARIABLE] = repr(list(choices.items()))
     command = [
         sys.executable,
         os.path.abspath(__file__),
@@ -818,22 +843,22 @@ def print_result(result, with_memory):
 def measure(cases, args, jit_modes, with_memory) -> list[dict]:
     """Times every case in every mode and, with ``with_memory``, adds the
     memory of the worker process."""
-    memory = {}
+    names = [c.name for c in cases]
     worker = None
-    if with_memory:
-        worker = start_memory([c.name for c in cases], args.quick, jit_modes)
-        if not args.quick:
-            # Timed alone: the worker would load the machine.
-            memory, worker = collect_memory(worker), None
+    if with_memory and args.quick:
+        # The quick mode times while the worker measures: it checks that
+        # the script works, not the numbers.
+        worker = start_memory(names, args.quick, jit_modes)
     results = []
     for case in cases:
         results += time_case(
             case, args.quick, jit_modes, args.blocks, args.block_seconds
         )
-    if worker is not None:
-        # The quick mode times while the worker measures: it checks that
-        # the script works, not the numbers.
-        memory = collect_memory(worker)
+    if with_memory and worker is None:
+        # After the timing (the worker would load the machine), with the
+        # forms it chose.
+        worker = start_memory(names, args.quick, jit_modes, _tuning.chosen())
+    memory = collect_memory(worker) if with_memory else {}
     for result in results:
         if with_memory:
             key = result["case"], result["jit_compile"]
@@ -842,7 +867,7 @@ def measure(cases, args, jit_modes, with_memory) -> list[dict]:
                 rotconv_bytes=rot_bytes,
                 builtin_bytes=builtin_bytes,
                 memory_ratio=rot_bytes / builtin_bytes,
-                memory_kernel_gradient_forms=forms,
+                memory_forms_chosen_apart=forms,
             )
         print_result(result, with_memory)
     return results
