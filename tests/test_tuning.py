@@ -34,8 +34,8 @@ FORMS = (
     "convolution",
     "one convolution",
     "convolution over channels",
-    "tap products",
     "tap products, flat",
+    "tap products",
     "tap rows",
 )
 
@@ -126,16 +126,17 @@ def _forms_of(name):
     """The forms offered: the rule's one convolution where the first form
     is the phase split (a stride, or TensorFlow's 1D and 3D padding copied
     once the delta exists), the convolution over channels for 1D and 2D
-    layers, the flat products at stride 1 only
-    (their phase split raised a strided step's peak memory), the tap rows
-    where their matrix is no larger than the delta."""
+    layers, the flat products at stride 1 only (their phase split raised
+    a strided step's peak memory) and the products of strided windows
+    elsewhere (each window a copy), the tap rows where their matrix is no
+    larger than the delta."""
     rank, config, _ = CASES[name]
     strided = config.get("strides", 1) != 1
     offered = {
         "convolution": True,
         "one convolution": strided or _backend.pads_by_copy(rank),
         "convolution over channels": rank <= 2,
-        "tap products": True,
+        "tap products": strided,
         "tap products, flat": not strided,
         "tap rows": "narrow" in name,
     }
@@ -170,7 +171,7 @@ def test_each_form_gives_the_rules_gradients(name, form, tuning, monkeypatch):
 
 @needs_timing
 def test_a_shape_is_timed_once(tuning, monkeypatch):
-    asked = _winning(monkeypatch, "tap products")
+    asked = _winning(monkeypatch, "tap products, flat")
     rot, x, upstream = _layer("2d-k32-valid")
     gradients(rot, x, upstream)
     gradients(rot, x, upstream)
@@ -184,7 +185,7 @@ def test_a_shape_is_timed_once(tuning, monkeypatch):
 def test_small_shapes_and_the_switch_are_not_timed(monkeypatch):
     """Below ``MIN_PRODUCTS``, with ``KERAS_ROTCONV_TUNE=0``, and on a
     backend that does not time, the convolution is taken untimed."""
-    asked = _winning(monkeypatch, "tap products")
+    asked = _winning(monkeypatch, "tap products, flat")
     _tuning.forget()
     rot, x, upstream = _layer("2d-k32-valid")
     gradients(rot, x, upstream)  # a few thousand products
@@ -273,7 +274,7 @@ def test_a_batch_known_only_when_the_graph_runs_is_timed_at_a_stand_in(
 
     def time_forms(forms, shapes, dtype):
         timed.append(shapes)
-        return _seconds_of("2d-k32-valid", {"tap products": 0.0})
+        return _seconds_of("2d-k32-valid", {"tap products, flat": 0.0})
 
     monkeypatch.setattr(_backend, "time_forms", time_forms)
     rot, x, upstream = _layer("2d-k32-valid", "float32")
@@ -289,7 +290,7 @@ def test_a_batch_known_only_when_the_graph_runs_is_timed_at_a_stand_in(
         expected = to_numpy(kernel_gradient.python_function(tf.constant(x)))
     actual = to_numpy(kernel_gradient(tf.constant(x)))
     assert [shapes[0][0] for shapes in timed] == [_tuning.STAND_IN_BATCH]
-    assert set(_tuning.chosen().values()) == {"tap products"}
+    assert set(_tuning.chosen().values()) == {"tap products, flat"}
     assert_close(actual, expected, 1e-5, "kernel gradient, any batch")
 
 
@@ -300,7 +301,7 @@ def test_a_step_xla_compiles_is_not_timed(tuning, monkeypatch):
     timed."""
     import tensorflow as tf
 
-    asked = _winning(monkeypatch, "tap products")
+    asked = _winning(monkeypatch, "tap products, flat")
     rot, x, upstream = _layer("2d-k32-valid", "float32")
 
     def kernel_gradient(x):
@@ -322,7 +323,7 @@ def test_a_step_xla_compiles_is_not_timed(tuning, monkeypatch):
 def test_a_near_tie_keeps_the_convolution(tuning, monkeypatch):
     """Another form must take at most ``MARGIN`` of the convolution's
     time."""
-    seconds = {"tap products": _tuning.MARGIN + 0.01}
+    seconds = {"tap products, flat": _tuning.MARGIN + 0.01}
     monkeypatch.setattr(
         _backend,
         "time_forms",
@@ -332,6 +333,6 @@ def test_a_near_tie_keeps_the_convolution(tuning, monkeypatch):
     gradients(_cleared(rot), x, upstream)
     assert set(_tuning.chosen().values()) == {"convolution"}
     _tuning.forget()
-    seconds["tap products"] = _tuning.MARGIN - 0.01
+    seconds["tap products, flat"] = _tuning.MARGIN - 0.01
     gradients(_cleared(rot), x, upstream)
-    assert set(_tuning.chosen().values()) == {"tap products"}
+    assert set(_tuning.chosen().values()) == {"tap products, flat"}
