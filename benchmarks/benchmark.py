@@ -340,8 +340,7 @@ def time_pair(rot, builtin, batch, blocks, block_seconds) -> dict:
 
 def new_choices(before: dict) -> list[str]:
     """The kernel-gradient forms the timed choice (``keras_rotconv._tuning``)
-    made since ``before``, one per shape, in the order met: the timing and
-    the memory processes each choose by timing, and may differ."""
+    made since ``before``, one per shape, in the order met."""
     return [name for key, name in _tuning.chosen().items() if key not in before]
 
 

@@ -147,12 +147,6 @@ def kernel_gradient(
     """
     rank = len(strides)
     n, *sizes, cin = ops.shape(x)
-    reads = []
-    for axis, s in enumerate(strides):
-        span = (kernel_size[axis] - 1) * dilation[axis] + 1
-        used = (ops.shape(delta)[axis + 1] - 1) * s + span
-        before = pairs[axis][0]
-        reads.append((before, used - before - sizes[axis]))
     # (N, *S, C_in) to (C_in/g, *S, g·N): rows, grouped as the kernel is.
     by_group = ops.reshape(x, (n, *sizes, groups, cin // groups))
     rows = ops.transpose(by_group, (rank + 2, *range(1, rank + 1), rank + 1, 0))
@@ -164,11 +158,26 @@ def kernel_gradient(
         window,
         strides=dilation,
         dilation=strides,
-        pairs=reads,
+        pairs=reads(x, delta, kernel_size, strides, pairs, dilation),
         groups=groups,
     )
     # (C_in/g, *K, C_out) to (*K, C_in/g, C_out)
     return ops.transpose(grad, (*range(1, rank + 1), 0, rank + 1))
+
+
+def reads(x, delta, kernel_size, strides, pairs, dilation):
+    """The ``(before, after)`` widths the kernel gradient's correlation
+    reads of each spatial axis of ``x``: the forward padding before, and
+    after it up to the last window (``used``); a negative ``after`` crops
+    the input's unread end."""
+    sizes = ops.shape(x)[1:-1]
+    widths = []
+    for axis, s in enumerate(strides):
+        span = (kernel_size[axis] - 1) * dilation[axis] + 1
+        used = (ops.shape(delta)[axis + 1] - 1) * s + span
+        before = pairs[axis][0]
+        widths.append((before, used - before - sizes[axis]))
+    return widths
 
 
 def bias_gradient(delta):

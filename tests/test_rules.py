@@ -149,31 +149,27 @@ def _one_group_flat(name):
     )
 
 
-# The kernel gradient's tap-product forms, called as (x, delta, kernel,
-# the case's rule arguments), and the cases each applies to.
-TAP_FORMS = {
-    "tap products": (
-        lambda x, delta, kernel, args: sums.kernel_gradient_by_taps(
-            x, delta, kernel, args["strides"], args["pairs"], args["dilation"]
-        ),
-        _one_group,
-    ),
+def _with_rule_args(form):
+    """``form(x, delta, kernel, strides, pairs, dilation)`` called as
+    ``(x, delta, kernel, the case's rule arguments)``."""
+    return lambda x, delta, kernel, args: form(
+        x, delta, kernel, args["strides"], args["pairs"], args["dilation"]
+    )
+
+
+# The kernel gradient's one-group forms, called as (x, delta, kernel, the
+# case's rule arguments), and the cases each applies to.
+KERNEL_GRADIENT_FORMS = {
+    "tap products": (_with_rule_args(sums.kernel_gradient_by_taps), _one_group),
     "flat tap products": (
         lambda x, delta, kernel, args: sums.kernel_gradient_by_flat_taps(
             x, delta, kernel, args["pairs"], args["dilation"]
         ),
         _one_group_flat,
     ),
-    "tap rows": (
-        lambda x, delta, kernel, args: sums.kernel_gradient_by_rows(
-            x, delta, kernel, args["strides"], args["pairs"], args["dilation"]
-        ),
-        _one_group,
-    ),
+    "tap rows": (_with_rule_args(sums.kernel_gradient_by_rows), _one_group),
     "convolution over channels": (
-        lambda x, delta, kernel, args: layouts.kernel_gradient_over_channels(
-            x, delta, kernel, args["strides"], args["pairs"], args["dilation"]
-        ),
+        _with_rule_args(layouts.kernel_gradient_over_channels),
         lambda name: _one_group(name) and not name.startswith("3d"),
     ),
 }
@@ -183,15 +179,15 @@ TAP_FORMS = {
     "form, name",
     [
         (form, name)
-        for form, (_, applies) in TAP_FORMS.items()
+        for form, (_, applies) in KERNEL_GRADIENT_FORMS.items()
         for name in _names(applies)
     ],
 )
-def test_tap_products_equal_the_rule(form, name):
+def test_kernel_gradient_forms_equal_the_rule(form, name):
     x, w, delta, args = _case(name)
     kernel = w.shape[:-2]
     expected = rules.kernel_gradient(x, delta, kernel, **args)
-    actual = TAP_FORMS[form][0](
+    actual = KERNEL_GRADIENT_FORMS[form][0](
         keras.ops.convert_to_tensor(x),
         keras.ops.convert_to_tensor(delta),
         kernel,

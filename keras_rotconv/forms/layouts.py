@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from keras import ops
 
 from keras_rotconv import ops as rotconv_ops
+from keras_rotconv import rules
 
 
 def applies_to_kernel_gradient(kernel_size, groups) -> bool:
@@ -41,13 +42,7 @@ def kernel_gradient_over_channels(
     channel ``i`` a position of the extra axis. As in the rule, stride and
     dilation swap places and the input is read up to the last window."""
     rank = len(kernel_size)
-    sizes = ops.shape(x)[1:-1]
-    reads = []
-    for axis, s in enumerate(strides):
-        span = (kernel_size[axis] - 1) * dilation[axis] + 1
-        used = (ops.shape(delta)[axis + 1] - 1) * s + span
-        before = pairs[axis][0]
-        reads.append((before, used - before - sizes[axis]))
+    reads = rules.reads(x, delta, kernel_size, strides, pairs, dilation)
     # (N, *S, C_in) to (1, *S, C_in, N); (N, *L, C_out) to (*L, 1, N, C_out).
     rows = ops.expand_dims(
         ops.transpose(x, (*range(1, rank + 1), rank + 1, 0)), 0
