@@ -16,16 +16,19 @@ False and True; JAX: True; torch: False, and True, ``torch.compile``, with
   layer with the setting where it ran fastest (``against_fastest``: what a
   user choosing freely would compare with; the same pair when the settings
   agree).
-* memory (TensorFlow only): the peak number of bytes TensorFlow's CPU
-  allocator holds during one train step, above what it held just before the
-  step (the weights, the optimizer state and the batch, which are the same
-  for both twins). The allocator only keeps these statistics in its BFC
-  variant, so this runs in a separate process started with
-  ``TF_CPU_ALLOCATOR_USE_BFC=true``; XLA's buffers come from the same
+* memory (TensorFlow; torch on CUDA, below): the peak number of bytes
+  TensorFlow's CPU allocator holds during one train step, above what it
+  held just before the step (the weights, the optimizer state and the
+  batch, which are the same for both twins). The allocator only keeps these
+  statistics in its BFC variant, so this runs in a separate process started
+  with ``TF_CPU_ALLOCATOR_USE_BFC=true``; XLA's buffers come from the same
   allocator, so the compiled cases are counted as well. It runs after the
   timing, and the kernel-gradient forms the timing process chose by timing
   (``keras_rotconv._tuning``) are handed to it, so that the memory is that
   of the forms timed; each result lists them (``kernel_gradient_forms``).
+  On torch with a CUDA device: the peak bytes torch's CUDA allocator hands
+  out during one train step above what it held before it
+  (``torch.cuda.max_memory_allocated``), in the timing process.
 
 Results go to ``<out>/benchmark_<backend>[_quick].json`` and a bar chart next
 to it. Run from the repository root::
@@ -386,8 +389,46 @@ def time_case(case, quick, jit_modes, blocks, block_seconds) -> list[dict]:
         result = {"case": case.name, "jit_compile": mode, **same[mode]}
         result["against_fastest"] = against
         result["kernel_gradient_forms"] = forms
+        if cuda_memory_measured():
+            rot_bytes, builtin_bytes = (
+                cuda_step_memory(found[kind, mode], batch)
+                for kind in ("rotconv", "builtin")
+            )
+            result.update(
+                rotconv_bytes=rot_bytes,
+                builtin_bytes=builtin_bytes,
+                memory_ratio=rot_bytes / builtin_bytes,
+            )
         results.append(result)
     return results
+
+
+def cuda_memory_measured() -> bool:
+    """Whether the steps run on torch's CUDA device, whose allocator keeps
+    peak statistics."""
+    if keras.backend.backend() != "torch":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cuda_step_memory(model, batch, repeats: int = 3) -> int:
+    """Peak bytes torch's CUDA allocator handed out during a train step
+    above what it held at the step's start; the median over ``repeats``
+    steps. The allocator counts each tensor's bytes (rounded to its 512-byte
+    blocks), not what it caches."""
+    import torch
+
+    peaks = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model.train_on_batch(*batch)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - start)
+    return int(statistics.median(peaks))
 
 
 def step_memory(model, batch, repeats: int) -> int:
@@ -868,7 +909,7 @@ def measure(cases, args, jit_modes, with_memory) -> list[dict]:
                 memory_ratio=rot_bytes / builtin_bytes,
                 memory_forms_chosen_apart=forms,
             )
-        print_result(result, with_memory)
+        print_result(result, "memory_ratio" in result)
     return results
 
 
@@ -891,12 +932,12 @@ def main(argv=None) -> int:
         memory_worker(wanted, args.quick, jit_modes)
         return 0
     with_memory = backend == "tensorflow" and not args.no_memory
-    if backend != "tensorflow" and not args.no_memory:
-        print("memory is measured on the tensorflow backend only")
+    if backend != "tensorflow" and not cuda_memory_measured():
+        print("memory is measured on tensorflow and on torch's CUDA only")
     report = {"machine": machine(argv)}
     results = measure(runnable(wanted), args, jit_modes, with_memory)
     print()
-    print(format_table(results, with_memory))
+    print(format_table(results, all("memory_ratio" in r for r in results)))
     report["settings"] = {
         "quick": args.quick,
         "blocks": args.blocks,
