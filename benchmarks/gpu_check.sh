@@ -7,7 +7,7 @@
 # 1. benchmarks/benchmark.py under torch (eager) and JAX (jit), every case,
 #    results and logs into OUT (torch also measures CUDA memory);
 # 2. `keras-rotconv verify` under both;
-# 3. the gradient suites under both, with TF32 off (NVIDIA_TF32_OVERRIDE=0),
+# 3. the gradient suites under both (conftest.py turns TF32 off),
 #    each cut at TEST_SECONDS (pytest-xdist spreads them over the CPUs).
 #
 # Wheels in .whl/ (Keras and what it needs beyond the machine's image) are
@@ -30,7 +30,7 @@ export TF_CPP_MIN_LOG_LEVEL=2
 {
     date -u
     nvidia-smi -L
-    python3 -c "import jax, keras, torch; print('torch', torch.__version__,
+    KERAS_BACKEND=jax python3 -c "import jax, keras, torch; print('torch', torch.__version__,
 'jax', jax.__version__, 'keras', keras.__version__, jax.devices())"
 } 2>&1 | tee "$log"
 
@@ -54,7 +54,7 @@ for backend in torch jax; do
         python3 -m keras_rotconv verify
 done
 for backend in torch jax; do
-    NVIDIA_TF32_OVERRIDE=0 KERAS_BACKEND=$backend step "$test_seconds" \
+    KERAS_BACKEND=$backend step "$test_seconds" \
         "tests $backend" python3 -m pytest -q -rfE -p no:cacheprovider -n 8 \
         tests/test_rules.py tests/test_tuning.py tests/test_family.py \
         tests/test_ops.py tests/test_parity.py

@@ -4,6 +4,7 @@ None of these tests needs data or network; the training runs on real MNIST
 are in test_mnist.py, and ``explain`` is tested in test_explain.py.
 """
 
+import contextlib
 import importlib
 import re
 import runpy
@@ -156,16 +157,39 @@ def _tf32_allowed() -> bool:
 def test_verify_compares_without_tf32_and_restores_the_setting(monkeypatch):
     """On a GPU, TF32 made the built-in Conv2D's float32 dx 3.1e-4 off (an
     H100 under torch's defaults); verify checks the arithmetic, so it turns
-    TF32 off while it differentiates, and turns it back on after."""
-    if keras.backend.backend() == "torch":
+    TF32 off while it differentiates, and turns it back on after. (The
+    suite runs with TF32 off: conftest.py; it is allowed here.)"""
+    with _tf32_allowing(monkeypatch):
+        _verify_turns_tf32_off_and_back_on(monkeypatch)
+
+
+@contextlib.contextmanager
+def _tf32_allowing(monkeypatch):
+    """TF32 allowed in the current backend; the setting restored after."""
+    backend = keras.backend.backend()
+    if backend == "torch":
         import torch
 
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    elif keras.backend.backend() == "tensorflow":
+        yield
+    elif backend == "tensorflow":
         import tensorflow as tf
 
+        saved = tf.config.experimental.tensor_float_32_execution_enabled()
         tf.config.experimental.enable_tensor_float_32_execution(True)
+        try:
+            yield
+        finally:
+            tf.config.experimental.enable_tensor_float_32_execution(saved)
+    else:
+        import jax
+
+        with jax.default_matmul_precision("tensorfloat32"):
+            yield
+
+
+def _verify_turns_tf32_off_and_back_on(monkeypatch):
     assert _tf32_allowed()
     seen = []
     differentiate = verify._value_and_gradients

@@ -326,7 +326,7 @@ def test_a_layer_called_in_the_block_keeps_the_textbook_backward(monkeypatch):
     with keras_rotconv.textbook_rules():
         y = rot(xt)
     _forbid_forms(monkeypatch)
-    (y * torch.tensor(upstream)).sum().backward()
+    (y * torch.as_tensor(upstream, device=y.device)).sum().backward()
     assert xt.grad is not None
 
 
