@@ -57,6 +57,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -819,6 +820,12 @@ def parse_args(argv):
         "--no-memory", action="store_true", help="skip the memory measurement"
     )
     parser.add_argument(
+        "--textbook",
+        action="store_true",
+        help="RotConv runs keras_rotconv.rules only (textbook_rules()): no "
+        "cheaper form, no timed choice (time only)",
+    )
+    parser.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(__file__), "results"),
         help="folder for the JSON and PNG results",
@@ -935,11 +942,15 @@ def main(argv=None) -> int:
     if backend != "tensorflow" and not cuda_memory_measured():
         print("memory is measured on tensorflow and on torch's CUDA only")
     report = {"machine": machine(argv)}
-    results = measure(runnable(wanted), args, jit_modes, with_memory)
+    if args.textbook:
+        with_memory = False  # (the memory worker would run the forms)
+    with keras_rotconv.textbook_rules() if args.textbook else nullcontext():
+        results = measure(runnable(wanted), args, jit_modes, with_memory)
     print()
     print(format_table(results, all("memory_ratio" in r for r in results)))
     report["settings"] = {
         "quick": args.quick,
+        "textbook_rules": args.textbook,
         "blocks": args.blocks,
         "block_seconds": args.block_seconds,
         "jit_modes": jit_modes,
@@ -947,7 +958,11 @@ def main(argv=None) -> int:
     }
     report["results"] = results
     os.makedirs(args.out, exist_ok=True)
-    stem = f"benchmark_{backend}" + ("_quick" if args.quick else "")
+    stem = (
+        f"benchmark_{backend}"
+        + ("_textbook" if args.textbook else "")
+        + ("_quick" if args.quick else "")
+    )
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(report, f, indent=1)
     plot(

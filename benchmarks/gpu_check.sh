@@ -5,14 +5,15 @@
 #     bash benchmarks/gpu_check.sh OUT [BENCH_SECONDS] [TEST_SECONDS]
 #
 # 1. benchmarks/benchmark.py under torch (eager) and JAX (jit), every case,
-#    results and logs into OUT (torch also measures CUDA memory);
+#    with the package's forms and with --textbook (the rules alone), results
+#    and logs into OUT (torch also measures CUDA memory);
 # 2. `keras-rotconv verify` under both;
 # 3. the gradient suites under both (conftest.py turns TF32 off),
 #    each cut at TEST_SECONDS (pytest-xdist spreads them over the CPUs).
 #
 # Wheels in .whl/ (Keras and what it needs beyond the machine's image) are
 # installed first when present. Every step runs under a time limit, so the
-# whole script ends within about 2 x (BENCH_SECONDS + 60 + TEST_SECONDS).
+# whole script ends within about 4 x BENCH_SECONDS + 2 x (60 + TEST_SECONDS).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUT [BENCH_SECONDS] [TEST_SECONDS]}
 bench_seconds=${2:-150}
@@ -45,10 +46,15 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log, time it
 }
 
 for backend in torch jax; do
-    KERAS_BACKEND=$backend step "$bench_seconds" "benchmark $backend" \
-        python3 benchmarks/benchmark.py --blocks 9 --block-seconds 0.1 \
-        --out "$out"
+    for rules in "" --textbook; do
+        KERAS_BACKEND=$backend step "$bench_seconds" \
+            "benchmark $backend $rules" python3 benchmarks/benchmark.py \
+            --blocks 9 --block-seconds 0.1 --out "$out" $rules
+    done
 done
+# (at most 8 files come back from a GPU session: the charts are drawn again
+# from the JSON files.)
+rm -f "$out"/*.png
 for backend in torch jax; do
     KERAS_BACKEND=$backend step 60 "verify $backend" \
         python3 -m keras_rotconv verify

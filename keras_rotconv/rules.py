@@ -34,9 +34,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
-from keras import ops
 
 from keras_rotconv import ops as rotconv_ops
+from keras_rotconv._backend import ops  # keras.ops; on torch, see there
 from keras_rotconv._shapes import crop
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import types
 from collections.abc import Callable, Sequence
 
 import keras
@@ -43,6 +44,22 @@ _impl = (
     if _BACKEND in ("tensorflow", "jax", "torch")
     else _Unsupported()
 )
+
+
+# ``keras.ops`` for the rules and their forms. On torch, the calls a
+# backward pass makes many times per step go straight to torch
+# (``torch.DIRECT_OPS``): every ``keras.ops`` call first walks its arguments
+# as a tree looking for symbolic tensors, and that took 3 to 20 µs a call,
+# as long as the operation itself on small tensors; a GPU step is mostly
+# such calls. (Figures: benchmarks/results/README.md, "Measured figures".)
+# TensorFlow and JAX trace the backward pass once per graph, so the walk
+# costs nothing per step there.
+ops = keras.ops
+if hasattr(_impl, "DIRECT_OPS"):
+    ops = types.SimpleNamespace(
+        **{name: getattr(keras.ops, name) for name in dir(keras.ops)}
+    )
+    vars(ops).update(_impl.DIRECT_OPS)
 
 
 def correlate(

@@ -37,6 +37,55 @@ def pad(x, widths):
     return F.pad(x, [v for pair in reversed(widths) for v in pair])
 
 
+def _tensor(x):
+    return x if isinstance(x, torch.Tensor) else keras.ops.convert_to_tensor(x)
+
+
+def _reshape(x, newshape):
+    return _tensor(x).reshape(tuple(newshape))
+
+
+def _transpose(x, axes=None):
+    x = _tensor(x)
+    return x.permute(*(range(x.ndim - 1, -1, -1) if axes is None else axes))
+
+
+def _stack(xs, axis=0):
+    return torch.stack([_tensor(x) for x in xs], dim=axis)
+
+
+def _concatenate(xs, axis=0):
+    return torch.cat([_tensor(x) for x in xs], dim=axis)
+
+
+def _sum(x, axis=None, keepdims=False):
+    x = _tensor(x)
+    if axis is None:
+        return x.sum()
+    if axis == ():
+        return x  # (torch sums every axis for an empty tuple)
+    return x.sum(dim=axis, keepdim=keepdims)
+
+
+def _expand_dims(x, axis):
+    if not isinstance(axis, int):
+        return keras.ops.expand_dims(x, axis)
+    return _tensor(x).unsqueeze(axis)
+
+
+# The keras.ops functions the rules call many times per step, straight to
+# torch, for the floating-point tensors of one dtype they meet (see
+# keras_rotconv._backend.ops).
+DIRECT_OPS = {
+    "reshape": _reshape,
+    "transpose": _transpose,
+    "stack": _stack,
+    "concatenate": _concatenate,
+    "sum": _sum,
+    "expand_dims": _expand_dims,
+}
+
+
 def custom_gradient(forward, backward):
     def op(*tensors):
         if not (

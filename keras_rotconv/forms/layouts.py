@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from keras import ops
-
 from keras_rotconv import ops as rotconv_ops
 from keras_rotconv import rules
+from keras_rotconv._backend import ops  # keras.ops; on torch, see there
 
 
 def applies_to_kernel_gradient(kernel_size, groups) -> bool:

@@ -13,10 +13,9 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from keras import ops
-
 from keras_rotconv import _backend, rules
 from keras_rotconv import ops as rotconv_ops
+from keras_rotconv._backend import ops  # keras.ops; on torch, see there
 from keras_rotconv._shapes import (
     added_zeros,
     crop,

@@ -15,9 +15,8 @@ import itertools
 import math
 from collections.abc import Sequence
 
-from keras import ops
-
 from keras_rotconv import _backend
+from keras_rotconv._backend import ops  # keras.ops; on torch, see there
 from keras_rotconv._shapes import is_zero, pad, pad_spatial
 
 
