@@ -348,12 +348,15 @@ def new_choices(before: dict) -> list[str]:
     return [name for key, name in _tuning.chosen().items() if key not in before]
 
 
-def time_case(case, quick, jit_modes, blocks, block_seconds) -> list[dict]:
+def time_case(
+    case, quick, jit_modes, blocks, block_seconds, cuda_memory
+) -> list[dict]:
     """One result per RotConv ``jit_compile`` mode: its ratio to the
     built-in layer in the same mode, and ``against_fastest``, its ratio to
     the built-in layer in the mode where that ran fastest (the lowest
     median step time of the same-mode pairs), timed as its own interleaved
-    pair unless it is the same pair."""
+    pair unless it is the same pair. With ``cuda_memory``, each pair's peak
+    CUDA memory too (``cuda_step_memory``)."""
     found, batch = case_models(case, quick, jit_modes)
     before = _tuning.chosen()
     # Warm up: trace and compile, then let caches settle.
@@ -390,7 +393,7 @@ def time_case(case, quick, jit_modes, blocks, block_seconds) -> list[dict]:
         result = {"case": case.name, "jit_compile": mode, **same[mode]}
         result["against_fastest"] = against
         result["kernel_gradient_forms"] = forms
-        if cuda_memory_measured():
+        if cuda_memory:
             rot_bytes, builtin_bytes = (
                 cuda_step_memory(found[kind, mode], batch)
                 for kind in ("rotconv", "builtin")
@@ -899,7 +902,12 @@ def measure(cases, args, jit_modes, with_memory) -> list[dict]:
     results = []
     for case in cases:
         results += time_case(
-            case, args.quick, jit_modes, args.blocks, args.block_seconds
+            case,
+            args.quick,
+            jit_modes,
+            args.blocks,
+            args.block_seconds,
+            cuda_memory=cuda_memory_measured() and not args.no_memory,
         )
     if with_memory and worker is None:
         # After the timing (the worker would load the machine), with the
