@@ -11,9 +11,11 @@ forms compute the same sums (tests/test_rules.py holds each to its rule in
 float64), so the choice changes the values by rounding only.
 
 Only shapes with enough work are timed (``MIN_PRODUCTS``); smaller ones,
-code the backend does not time (JAX, and TensorFlow under
-``jit_compile=True``: XLA compiles the step and chooses its own way), and
-``KERAS_ROTCONV_TUNE=0`` in the environment, take the first form.
+code the backend does not time (TensorFlow under ``jit_compile=True``,
+see ``_backend.times_forms``), and ``KERAS_ROTCONV_TUNE=0`` in the
+environment, take the first form. JAX compiles each form on its own while
+the step is traced and drops one whose compiled memory passes
+``MEMORY_MARGIN`` times the first form's (``_backend/jax.py``).
 """
 
 from __future__ import annotations

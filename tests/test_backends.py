@@ -204,6 +204,77 @@ def test_jax_gradient_program_is_the_custom_vjp(rank):
     assert transposed(jax_equations(twin_first))
 
 
+# (rank, channels, input channels per group, outputs per group, stride,
+# dilation, padding): depthwise forward passes (one input channel per group,
+# multipliers 1 and 2) and their input deltas (one output per group), a
+# covering set of strides, dilations and uneven padding.
+TAP_SUM_CASES = [
+    (1, 3, 1, 1, 1, 1, (2, 0)),
+    (1, 3, 2, 1, 2, 2, (1, 1)),
+    (2, 4, 1, 2, 1, 2, (0, 2)),
+    (2, 4, 1, 1, 2, 1, (1, 1)),
+    (2, 3, 3, 1, 1, 1, (2, 2)),
+    (2, 2, 2, 1, 2, 2, (0, 0)),
+    (3, 2, 1, 3, 2, 1, (1, 0)),
+    (3, 3, 2, 1, 1, 2, (0, 1)),
+]
+
+
+@jax_only
+@pytest.mark.parametrize("case", TAP_SUM_CASES, ids=str)
+def test_jax_sums_over_taps_equal_the_grouped_convolution(case):
+    """On the CPU, JAX's ``correlate`` computes a grouped convolution of one
+    input or one output channel per group as a sum over the taps (XLA's
+    own grouped convolution runs slowly there): equal, in float64, to
+    ``lax.conv_general_dilated``; half types summed in float32."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_rotconv._backend import jax as seam
+
+    rank, groups, cin_g, cout_g, stride, dilation, pair = case
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, *(7,) * rank, groups * cin_g)))
+    w = jnp.asarray(rng.standard_normal((*(3,) * rank, cin_g, groups * cout_g)))
+    args = ((stride,) * rank, (dilation,) * rank, groups, (pair,) * rank)
+    assert seam._sums_taps(w.shape, groups)
+    expected = jax.lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=args[0],
+        padding=args[3],
+        rhs_dilation=args[1],
+        dimension_numbers=seam._JAX_LAYOUTS[rank],
+        feature_group_count=groups,
+        precision="highest",
+    )
+    actual = _backend.correlate(x, w, *args)
+    assert_close(to_numpy(actual), to_numpy(expected), FLOAT64_RTOL, "sums")
+    half = _backend.correlate(x.astype("bfloat16"), w.astype("bfloat16"), *args)
+    assert half.dtype == "bfloat16"
+    in_float32 = seam._by_taps(
+        x.astype("bfloat16").astype("float32"),
+        w.astype("bfloat16").astype("float32"),
+        *args,
+    )
+    assert np.array_equal(
+        to_numpy(half.astype("float32")),
+        to_numpy(in_float32.astype("bfloat16").astype("float32")),
+    )
+
+
+@jax_only
+def test_jax_sums_over_taps_only_for_small_kernels():
+    """A filter with more than ``MAX_TAPS`` taps (the delta, in a kernel
+    gradient's grouped convolution) stays a convolution."""
+    from keras_rotconv._backend import jax as seam
+
+    assert seam._sums_taps((5, 5, 5, 1, 8), 8)
+    assert not seam._sums_taps((6, 5, 5, 1, 8), 8)
+    assert not seam._sums_taps((3, 3, 2, 8), 4)  # two in and out per group
+    assert not seam._sums_taps((3, 3, 1, 8), 1)  # no groups
+
+
 @jax_only
 def test_jax_jit_retraces_for_each_input_size():
     """Under jax.jit every size is static: one jitted gradient function

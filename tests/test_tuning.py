@@ -257,9 +257,36 @@ def test_no_form_puts_a_convolution_gradient_in_the_graph(
     assert not types & TF_CONV_GRADIENTS, types & TF_CONV_GRADIENTS
 
 
-def test_jax_does_not_time():
-    """XLA compiles the step and picks its own way to compute each form."""
-    assert _backend.times_forms() == (BACKEND != "jax")
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's compiled forms")
+def test_jax_times_compiled_forms_and_drops_those_over_the_memory_margin(
+    monkeypatch,
+):
+    """Each form is compiled on its own, even while a step is traced, and
+    one whose compiled bytes pass ``MEMORY_MARGIN`` times the first form's
+    reports infinite time, so it is never chosen."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_rotconv._backend import jax as seam
+
+    sizes = iter([100, 110, 111])
+    monkeypatch.setattr(seam, "_bytes", lambda compiled: next(sizes))
+    forms = [
+        lambda x, d: jnp.sum(x) * d,
+        lambda x, d: jnp.sum(x) + d,
+        lambda x, d: jnp.sum(x) - d,
+    ]
+    seconds = []
+
+    @jax.jit
+    def step(x):
+        seconds.extend(seam.time_forms(forms, [(3, 4), (2,)], "float32"))
+        return x
+
+    step(jnp.ones(2))
+    assert len(seconds) == 3
+    assert all(0 < t < 1 for t in seconds[:2]), seconds
+    assert seconds[2] == float("inf")
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow graphs")

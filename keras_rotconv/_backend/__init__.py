@@ -8,7 +8,8 @@ backward function to a forward one using the backend's own mechanism.
 their cheaper forms in ``keras_rotconv.forms``) and are written once; what
 differs here is how each backend computes the same values fastest (padding
 read by the convolution rather than written out, TensorFlow's depthwise and
-bias-add ops) and lays them out in memory (TensorFlow's group blocks,
+bias-add ops, JAX's sums over the taps for groups of one channel on the
+CPU) and lays them out in memory (TensorFlow's group blocks,
 pre-padding and graph ordering, torch's shared filter).
 
 The backend-neutral part is here; ``tensorflow.py``, ``jax.py`` and
@@ -261,16 +262,17 @@ def pads_by_copy(rank: int) -> bool:
 
 def times_forms() -> bool:
     """Whether ``keras_rotconv._tuning`` times the forms of a rule to choose
-    among them (TensorFlow, torch), or takes the first (JAX, and TensorFlow
-    while XLA compiles: XLA chooses its own way to compute each)."""
+    among them, or takes the first (TensorFlow while XLA compiles: there,
+    forms chosen outside XLA raised the step's peak memory)."""
     return _impl.times_forms()
 
 
 def time_forms(forms: Sequence[Callable], shapes, dtype) -> list[float]:
     """The seconds each ``form(x, delta)`` takes on random tensors of
     ``shapes`` and ``dtype``: the least of a few interleaved calls, after a
-    first call that traces (TensorFlow) and warms caches. Runs eagerly,
-    even while a graph is traced."""
+    first call that traces (TensorFlow) or compiles (JAX) and warms caches.
+    Runs eagerly, even while a graph is traced. JAX reports ``math.inf``
+    for a form whose compiled memory is too large to choose."""
     return _impl.time_forms(forms, shapes, dtype)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import jax
 import keras
 
@@ -13,6 +16,8 @@ _JAX_LAYOUTS = {
 
 
 def correlate(x, w, strides, dilation, groups, pairs):
+    if _sums_taps(w.shape, groups):
+        return _by_taps(x, w, strides, dilation, groups, pairs)
     return jax.lax.conv_general_dilated(
         x,
         w,
@@ -22,6 +27,70 @@ def correlate(x, w, strides, dilation, groups, pairs):
         dimension_numbers=_JAX_LAYOUTS[len(strides)],
         feature_group_count=groups,
     )
+
+
+# The most taps ``_by_taps`` writes out one by one (a 5x5x5 kernel); a
+# larger filter, such as the delta in a kernel gradient's convolution, stays
+# a convolution.
+MAX_TAPS = 125
+
+
+def _sums_taps(w_shape, groups) -> bool:
+    """Whether ``correlate`` sums products per tap (``_by_taps``): on the
+    CPU, for groups of one input or one output channel, and a kernel of at
+    most ``MAX_TAPS`` taps."""
+    cin_g, cout_g = w_shape[-2], w_shape[-1] // groups
+    return (
+        groups > 1
+        and min(cin_g, cout_g) == 1
+        and math.prod(w_shape[:-2]) <= MAX_TAPS
+        and jax.default_backend() == "cpu"
+    )
+
+
+def _by_taps(x, w, strides, dilation, groups, pairs):
+    """A grouped convolution with one input or one output channel per group
+    (a depthwise layer's forward pass, and its input delta) as a sum over
+    the taps of a window of ``x`` times that tap's filter entries, for
+    one input channel per group ``out[n, p, c·m + j] = Σ_k x̂[n, p·s +
+    k·d, c] · w[k, 0, c·m + j]``. XLA fuses it into one pass over ``x``;
+    its CPU grouped convolution took 30-100 times as long
+    (benchmarks/results/README.md, "Measured figures"). Float16 and
+    bfloat16 are summed in float32, as the convolution does."""
+    *kernel_size, cin_g, cout = w.shape
+    cout_g = cout // groups
+    dtype = x.dtype
+    if dtype in (jax.numpy.float16, jax.numpy.bfloat16):
+        x, w = x.astype("float32"), w.astype("float32")
+    padded = jax.numpy.pad(x, [(0, 0), *pairs, (0, 0)])
+    lengths = [
+        (size - (k - 1) * d - 1) // s + 1
+        for size, k, d, s in zip(
+            padded.shape[1:-1], kernel_size, dilation, strides
+        )
+    ]
+    # The input (..., g, C_in/g, 1) against each tap's filter (g, C_in/g,
+    # C_out/g): one of the two channel axes is 1 wide, so the products are
+    # a broadcast, summed over the input channels of each group.
+    padded = padded.reshape(*padded.shape[:-1], groups, cin_g, 1)
+    w = w.reshape(*kernel_size, cin_g, groups, cout_g)
+    w = jax.numpy.moveaxis(w, -2, -3)
+    total = None
+    for tap in itertools.product(*map(range, kernel_size)):
+        window = padded[
+            (
+                slice(None),
+                *(
+                    slice(k * d, k * d + (length - 1) * s + 1, s)
+                    for k, d, s, length in zip(tap, dilation, strides, lengths)
+                ),
+            )
+        ]
+        term = window * w[tap]
+        total = term if total is None else total + term
+    if cin_g > 1:
+        total = total.sum(axis=-2)
+    return total.reshape(x.shape[0], *lengths, cout).astype(dtype)
 
 
 def custom_gradient(forward, backward):
@@ -80,17 +149,60 @@ def product(a, b):
 
 
 def device_kind(x):
-    return ""
+    # The device a jitted step runs on is the default one (Keras places
+    # nothing else); a traced x has none of its own.
+    return jax.default_backend().upper()
 
 
 def times_forms() -> bool:
-    # XLA compiles the whole step and chooses its own way to compute each
-    # form.
-    return False
+    return True
+
+
+# A form whose compiled memory (its operands, temporaries and result)
+# exceeds the first form's by more than this factor is not chosen, however
+# fast: XLA schedules a form's temporaries its own way, and the tap
+# products raised a TensorFlow XLA step's peak memory to 1.8-3.3 times
+# Conv2D's.
+MEMORY_MARGIN = 1.1
 
 
 def time_forms(forms, shapes, dtype):
-    raise NotImplementedError("JAX does not time forms (times_forms).")
+    # Imported here: the seam's package imports this module.
+    from keras_rotconv._backend import _least_seconds
+
+    # Each form compiled on its own and run on concrete arrays, while the
+    # step that asked is traced: what runs here is evaluated, not traced.
+    with jax.ensure_compile_time_eval():
+        keys = jax.random.split(jax.random.key(0), len(shapes))
+        tensors = [
+            jax.random.normal(key, shape, dtype)
+            for key, shape in zip(keys, shapes)
+        ]
+        compiled = [jax.jit(form).lower(*tensors).compile() for form in forms]
+        memory = [_bytes(c) for c in compiled]
+        calls = [
+            (lambda c=c: jax.block_until_ready(c(*tensors))) for c in compiled
+        ]
+        seconds = _least_seconds(calls)
+    if None in memory:
+        return seconds
+    return [
+        math.inf if m > MEMORY_MARGIN * memory[0] else t
+        for t, m in zip(seconds, memory)
+    ]
+
+
+def _bytes(compiled):
+    """The bytes of a compiled function's operands, temporaries and result,
+    or None where the platform does not say."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return (
+        analysis.argument_size_in_bytes
+        + analysis.temp_size_in_bytes
+        + analysis.output_size_in_bytes
+    )
 
 
 def traced_by_torch_compile() -> bool:
