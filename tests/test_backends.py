@@ -316,6 +316,49 @@ torch_only = pytest.mark.skipif(
 )
 
 
+@torch_only
+def test_torch_depthwise_tap_sums_share_a_buffer_unless_differentiated(
+    monkeypatch,
+):
+    """The depthwise kernel gradient's products go into one buffer
+    (``_backend.summed_products``), except where the kernel gradient is
+    itself differentiated (autograd records no ``out=`` writes): both
+    orders agree with the built-in layer in float64."""
+    import torch
+
+    apart = []
+    summed_apart = _backend._products_summed_apart
+
+    def counted(*args):
+        apart.append(args)
+        return summed_apart(*args)
+
+    monkeypatch.setattr(_backend, "_products_summed_apart", counted)
+    config = dict(filters=6, kernel_size=3, groups=3, padding="same")
+    rot, twin = make_twins(
+        *LAYERS[2], dict(config, dtype="float64"), (2, 7, 6, 3)
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 7, 6, 3))
+    upstream = torch.as_tensor(rng.standard_normal((2, 7, 6, 6)))
+
+    def penalty(layer):
+        xt = torch.tensor(x, requires_grad=True)
+        loss = (layer(xt) * upstream).sum()
+        (dw,) = torch.autograd.grad(loss, layer.kernel.value, create_graph=True)
+        (dx,) = torch.autograd.grad((dw**2).sum(), xt)
+        return to_numpy(dw.detach()), to_numpy(dx)
+
+    _, _, dvars = gradients(rot, x, upstream.numpy())
+    assert apart == []
+    _, _, dvars_twin = gradients(twin, x, upstream.numpy())
+    assert_close(dvars["kernel"], dvars_twin["kernel"], FLOAT64_RTOL, "dw")
+    (dw, dpenalty), (dw_twin, dpenalty_twin) = penalty(rot), penalty(twin)
+    assert len(apart) == 1
+    assert_close(dw, dw_twin, FLOAT64_RTOL, "dw, differentiable")
+    assert_close(dpenalty, dpenalty_twin, FLOAT64_RTOL, "d(Σ dw²)/dx")
+
+
 def _autograd_nodes(tensor):
     """The class names of every node of the autograd graph behind
     ``tensor``."""

@@ -253,6 +253,26 @@ def sums_depthwise_taps() -> bool:
     return _impl.sums_depthwise_taps()
 
 
+def summed_products(windows: Sequence, delta, leading: int) -> list:
+    """``[Σ window · delta over the first leading axes, for each
+    window]``: each window's products with ``delta``, summed over the
+    batch and positions.
+
+    torch eager writes every window's products into one buffer: each fresh
+    temporary as large as the delta cost its page faults anew (a 3x3
+    depthwise kernel gradient, 16x32x32x64: 17.5 ms with a product per
+    tap, 2.2 ms with one buffer; benchmarks/results/README.md, "Measured
+    figures"). Elsewhere, and wherever the sums are themselves
+    differentiated, a product per window.
+    """
+    return _impl.summed_products(windows, delta, leading)
+
+
+def _products_summed_apart(windows, delta, leading):
+    axes = tuple(range(leading))
+    return [ops.sum(window * delta, axis=axes) for window in windows]
+
+
 def pads_by_copy(rank: int) -> bool:
     """Whether ``correlate`` on ``rank`` spatial axes writes out a padded
     copy of ``x`` for padding TensorFlow's ``"SAME"`` rule does not cover

@@ -154,6 +154,32 @@ def sums_depthwise_taps() -> bool:
     return True
 
 
+def summed_products(windows, delta, leading):
+    # Imported here: the seam's package imports this module.
+    from keras_rotconv._backend import _products_summed_apart
+
+    delta, windows = _tensor(delta), [_tensor(w) for w in windows]
+    if torch.is_grad_enabled() and any(
+        t.requires_grad for t in (delta, *windows)
+    ):
+        # Differentiated (a gradient of the gradient): autograd records
+        # no writes into a buffer (out=).
+        return _products_summed_apart(windows, delta, leading)
+    # One buffer for every window's products: a fresh temporary as large
+    # as the delta would take its page faults again each time.
+    buffer = torch.empty(
+        torch.broadcast_shapes(windows[0].shape, delta.shape),
+        dtype=torch.result_type(windows[0], delta),
+        device=delta.device,
+    )
+    dims = tuple(range(leading))
+    sums = []
+    for window in windows:
+        torch.mul(window, delta, out=buffer)
+        sums.append(buffer.sum(dim=dims))
+    return sums
+
+
 def pads_by_copy(rank: int) -> bool:
     return False
 

@@ -80,8 +80,7 @@ def kernel_gradient_depthwise(
     if multiplier > 1:
         # (N, *L, C, m): each input channel's m deltas.
         delta = ops.reshape(delta, (n, *lengths, cin, multiplier))
-    axes = tuple(range(rank + 1))
-    taps = []
+    windows = []
     for tap in itertools.product(*map(range, kernel_size)):
         # One slice for all axes: a backend may copy each slice it takes.
         window = padded[
@@ -95,7 +94,8 @@ def kernel_gradient_depthwise(
         ]
         if multiplier > 1:
             window = ops.expand_dims(window, -1)
-        taps.append(ops.sum(window * delta, axis=axes))
+        windows.append(window)
+    taps = _backend.summed_products(windows, delta, rank + 1)
     return ops.reshape(ops.stack(taps), (*kernel_size, 1, cout))
 
 
