@@ -51,10 +51,10 @@ def _sums_taps(w_shape, groups) -> bool:
 def _by_taps(x, w, strides, dilation, groups, pairs):
     """A grouped convolution with one input or one output channel per group
     (a depthwise layer's forward pass, and its input delta) as a sum over
-    the taps of a window of ``x`` times that tap's filter entries, for
-    one input channel per group ``out[n, p, c·m + j] = Σ_k x̂[n, p·s +
-    k·d, c] · w[k, 0, c·m + j]``. XLA fuses it into one pass over ``x``;
-    its CPU grouped convolution took 30-100 times as long
+    the taps of a window of ``x`` times that tap's filter entries; with one
+    input channel per group, ``out[n, p, c·m + j] = Σ_k x̂[n, p·s + k·d,
+    c] · w[k, 0, c·m + j]``. XLA fuses it into one pass over ``x``; its CPU
+    grouped convolution took about 40 times as long
     (benchmarks/results/README.md, "Measured figures"). Float16 and
     bfloat16 are summed in float32, as the convolution does."""
     *kernel_size, cin_g, cout = w.shape
