@@ -58,6 +58,16 @@ def pad_spatial(x, widths):
     return pad(crop_negative(x, widths), [(0, 0), *added_zeros(widths), (0, 0)])
 
 
+def tap_slices(tap, strides, dilation, lengths):
+    """The spatial slices of a padded input that kernel tap ``tap`` reads:
+    the positions ``p·stride + k·dilation`` for each of the output's
+    ``lengths``."""
+    return tuple(
+        slice(k * d, k * d + (length - 1) * s + 1, s)
+        for k, d, s, length in zip(tap, dilation, strides, lengths)
+    )
+
+
 def crop(x, axis, length):
     """Keep the first ``length`` entries of ``axis``."""
     return window(x, axis, 0, length)

@@ -265,7 +265,9 @@ def summed_products(windows: Sequence, delta, leading: int) -> list:
     figures"). Elsewhere, and wherever the sums are themselves
     differentiated, a product per window.
     """
-    return _impl.summed_products(windows, delta, leading)
+    if hasattr(_impl, "summed_products"):
+        return _impl.summed_products(windows, delta, leading)
+    return _products_summed_apart(windows, delta, leading)
 
 
 def _products_summed_apart(windows, delta, leading):

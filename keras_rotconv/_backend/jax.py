@@ -8,6 +8,8 @@ import math
 import jax
 import keras
 
+from keras_rotconv._shapes import tap_slices
+
 _JAX_LAYOUTS = {
     1: ("NWC", "WIO", "NWC"),
     2: ("NHWC", "HWIO", "NHWC"),
@@ -57,18 +59,16 @@ def _by_taps(x, w, strides, dilation, groups, pairs):
     grouped convolution took about 40 times as long
     (benchmarks/results/README.md, "Measured figures"). Float16 and
     bfloat16 are summed in float32, as the convolution does."""
+    # Imported here: the seam's package imports this module.
+    from keras_rotconv._backend import _result_shape
+
     *kernel_size, cin_g, cout = w.shape
     cout_g = cout // groups
+    shape = _result_shape(x, w, strides, dilation, pairs)
     dtype = x.dtype
     if dtype in (jax.numpy.float16, jax.numpy.bfloat16):
         x, w = x.astype("float32"), w.astype("float32")
     padded = jax.numpy.pad(x, [(0, 0), *pairs, (0, 0)])
-    lengths = [
-        (size - (k - 1) * d - 1) // s + 1
-        for size, k, d, s in zip(
-            padded.shape[1:-1], kernel_size, dilation, strides
-        )
-    ]
     # The input (..., g, C_in/g, 1) against each tap's filter (g, C_in/g,
     # C_out/g): one of the two channel axes is 1 wide, so the products are
     # a broadcast, summed over the input channels of each group.
@@ -78,19 +78,13 @@ def _by_taps(x, w, strides, dilation, groups, pairs):
     total = None
     for tap in itertools.product(*map(range, kernel_size)):
         window = padded[
-            (
-                slice(None),
-                *(
-                    slice(k * d, k * d + (length - 1) * s + 1, s)
-                    for k, d, s, length in zip(tap, dilation, strides, lengths)
-                ),
-            )
+            (slice(None), *tap_slices(tap, strides, dilation, shape[1:-1]))
         ]
         term = window * w[tap]
         total = term if total is None else total + term
     if cin_g > 1:
         total = total.sum(axis=-2)
-    return total.reshape(x.shape[0], *lengths, cout).astype(dtype)
+    return total.reshape(shape).astype(dtype)
 
 
 def custom_gradient(forward, backward):
@@ -134,13 +128,6 @@ def sums_depthwise_taps() -> bool:
     # A grouped convolution whose filter (the delta) is as large as the
     # image runs slowly.
     return True
-
-
-def summed_products(windows, delta, leading):
-    # Imported here: the seam's package imports this module.
-    from keras_rotconv._backend import _products_summed_apart
-
-    return _products_summed_apart(windows, delta, leading)
 
 
 def pads_by_copy(rank: int) -> bool:

@@ -169,13 +169,6 @@ def sums_depthwise_taps() -> bool:
     return False
 
 
-def summed_products(windows, delta, leading):
-    # Imported here: the seam's package imports this module.
-    from keras_rotconv._backend import _products_summed_apart
-
-    return _products_summed_apart(windows, delta, leading)
-
-
 def pads_by_copy(rank: int) -> bool:
     # Only the 2D convolutions take explicit padding.
     return rank != 2

@@ -155,15 +155,15 @@ def sums_depthwise_taps() -> bool:
 
 
 def summed_products(windows, delta, leading):
-    # Imported here: the seam's package imports this module.
-    from keras_rotconv._backend import _products_summed_apart
-
     delta, windows = _tensor(delta), [_tensor(w) for w in windows]
     if torch.is_grad_enabled() and any(
         t.requires_grad for t in (delta, *windows)
     ):
         # Differentiated (a gradient of the gradient): autograd records
-        # no writes into a buffer (out=).
+        # no writes into a buffer (out=). Imported here: the seam's
+        # package imports this module.
+        from keras_rotconv._backend import _products_summed_apart
+
         return _products_summed_apart(windows, delta, leading)
     # One buffer for every window's products: a fresh temporary as large
     # as the delta would take its page faults again each time.

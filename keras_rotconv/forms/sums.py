@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from keras_rotconv import _backend
 from keras_rotconv._backend import ops  # keras.ops; on torch, see there
-from keras_rotconv._shapes import is_zero, pad, pad_spatial
+from keras_rotconv._shapes import is_zero, pad, pad_spatial, tap_slices
 
 
 def is_pointwise(kernel_size, strides, pairs) -> bool:
@@ -120,7 +120,7 @@ def kernel_gradient_by_taps(
     taps = []
     for tap in itertools.product(*map(range, kernel_size)):
         window = _in_turn(padded, taps)[
-            (slice(None), *_tap_slices(tap, strides, dilation, lengths))
+            (slice(None), *tap_slices(tap, strides, dilation, lengths))
         ]
         taps.append(_product(ops.reshape(window, (-1, cin)), deltas))
     return ops.reshape(ops.stack(taps), (*kernel_size, cin, cout))
@@ -222,7 +222,7 @@ def kernel_gradient_by_rows(
             (
                 slice(None),
                 slice(None),
-                *_tap_slices(tap, strides, dilation, lengths),
+                *tap_slices(tap, strides, dilation, lengths),
             )
         ]
         for tap in itertools.product(*map(range, kernel_size))
@@ -230,16 +230,6 @@ def kernel_gradient_by_rows(
     rows = ops.reshape(ops.stack(windows), (len(windows) * cin, -1))
     grad = _backend.product(rows, ops.reshape(delta, (-1, cout)))
     return ops.reshape(grad, (*kernel_size, cin, cout))
-
-
-def _tap_slices(tap, strides, dilation, lengths):
-    """The spatial slices of the padded input that tap ``tap`` reads: the
-    positions ``p·stride + k·dilation`` for each of the delta's
-    ``lengths``."""
-    return tuple(
-        slice(k * d, k * d + (length - 1) * s + 1, s)
-        for k, d, s, length in zip(tap, dilation, strides, lengths)
-    )
 
 
 def _in_turn(x, taps):
