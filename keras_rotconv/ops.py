@@ -128,11 +128,8 @@ def textbook_rules() -> Iterator[None]:
 
 
 def _textbook() -> bool:
-    """Whether to skip the cheaper forms: inside ``textbook_rules()``, and
-    while ``torch.compile`` traces (see
-    ``_backend.traced_by_torch_compile``), whose tracer handles the
-    textbook forms fast."""
-    return _MODE.textbook or _backend.traced_by_torch_compile()
+    """Whether to skip the cheaper forms: inside ``textbook_rules()``."""
+    return _MODE.textbook
 
 
 def input_delta(
@@ -146,10 +143,18 @@ def input_delta(
 ):
     """``delta_prev = (spread(delta) * rot180(w))_full``, cropped to the
     input (``rules.input_delta``), in its cheapest form."""
+    args = (delta, w, spatial_shape, strides, pairs, dilation, groups)
     if _textbook():
-        return rules.input_delta(
-            delta, w, spatial_shape, strides, pairs, dilation, groups
-        )
+        return rules.input_delta(*args)
+    if _backend.traced_by_torch_compile():
+        shape = (delta.shape[0], *spatial_shape, w.shape[-2] * groups)
+        return _backend.untraced(_cheapest_input_delta, shape, *args)
+    return _cheapest_input_delta(*args)
+
+
+def _cheapest_input_delta(
+    delta, w, spatial_shape, strides, pairs, dilation, groups
+):
     if phases.applies_to_input_delta(strides, dilation):
         return phases.input_delta_by_phases(
             delta, w, spatial_shape, strides, pairs, groups
@@ -180,6 +185,16 @@ def kernel_gradient(
     args = (x, delta, kernel_size, strides, pairs, dilation, groups)
     if _textbook():
         return rules.kernel_gradient(*args)
+    if _backend.traced_by_torch_compile():
+        shape = (*kernel_size, x.shape[-1] // groups, delta.shape[-1])
+        return _backend.untraced(_cheapest_kernel_gradient, shape, *args)
+    return _cheapest_kernel_gradient(*args)
+
+
+def _cheapest_kernel_gradient(
+    x, delta, kernel_size, strides, pairs, dilation, groups
+):
+    args = (x, delta, kernel_size, strides, pairs, dilation, groups)
     if sums.is_pointwise(kernel_size, strides, pairs):
         return sums.kernel_gradient_pointwise(x, delta, groups)
     if sums.is_depthwise(x, strides, groups) and _backend.sums_depthwise_taps():

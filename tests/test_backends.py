@@ -399,34 +399,129 @@ def test_torch_autograd_graph_is_the_derived_function(rank):
     assert _autograd_nodes(torch.sin(twin(x)).sum()) & builtin
 
 
+def _untraced_rules(graphs):
+    """The rules each recorded torch.compile graph calls as
+    ``keras_rotconv::untraced_rule`` (see ``_backend.untraced``)."""
+    return [
+        node.args[0].split(":")[1]
+        for graph in graphs
+        for node in graph.graph.nodes
+        if "untraced_rule" in str(node.target)
+    ]
+
+
 @torch_only
 @RANKS
-def test_torch_compile_traces_the_layer_whole(rank):
+@pytest.mark.parametrize("textbook", [False, True], ids=["forms", "textbook"])
+# (torch's graph-recording test backend returns an unboxed function.)
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
+def test_torch_compile_traces_the_layer_whole(rank, textbook):
     """torch.compile(fullgraph=True) traces forward and derived backward
-    with no graph break, with the same results as eager execution. (The
+    with no graph break. The compiled backward pass calls the cheaper forms
+    as one op each, ``keras_rotconv::untraced_rule``, which runs on
+    concrete sizes when the step runs; traced inside textbook_rules(), it
+    holds the textbook rules' own steps instead. Either way, the same
+    gradients as eager execution and as the built-in layer. (The
     "aot_eager" backend checks the tracing; model.fit with
     jit_compile=True in test_training.py runs inductor.)"""
-    import torch
+    import contextlib
 
-    rot, _ = _twins(rank)
+    import torch
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    import keras_rotconv
+
+    rot, twin = _twins(rank)
     x, upstream = _inputs(rank, rot)
     upstream = torch.tensor(upstream, device=rot.kernel.value.device)
 
-    def loss(x):
-        return (rot(x) * upstream).sum()
+    def loss(layer):
+        return lambda x: (layer(x) * upstream).sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    recorder = AotEagerAndRecordGraphs()
+    compiled = torch.compile(loss(rot), fullgraph=True, backend=recorder)
     results = []
-    for run in (compiled, loss):
+    for layer, run in ((rot, compiled), (rot, loss(rot)), (twin, loss(twin))):
         xt = torch.tensor(x, requires_grad=True)
-        for v in rot.trainable_variables:
+        for v in layer.trainable_variables:
             v.value.grad = None
-        run(xt).backward()
+        with (
+            keras_rotconv.textbook_rules()
+            if textbook
+            else (contextlib.nullcontext())
+        ):
+            run(xt).backward()
         results.append(
-            [xt.grad, *(v.value.grad for v in rot.trainable_variables)]
+            [xt.grad, *(v.value.grad for v in layer.trainable_variables)]
         )
-    for name, a, b in zip(["dx", "dkernel", "dbias"], *results, strict=True):
+    assert _untraced_rules(recorder.fw_graphs) == []
+    expected = (
+        []
+        if textbook
+        else [
+            "_cheapest_kernel_gradient",
+            "_cheapest_input_delta",
+        ]
+    )
+    assert _untraced_rules(recorder.bw_graphs) == expected
+    compiled_grads, eager_grads, twin_grads = results
+    for name, a, b, c in zip(
+        ["dx", "dkernel", "dbias"],
+        compiled_grads,
+        eager_grads,
+        twin_grads,
+        strict=True,
+    ):
         assert_close(to_numpy(a), to_numpy(b), FLOAT64_RTOL, name)
+        assert_close(to_numpy(a), to_numpy(c), FLOAT64_RTOL, f"{name}, twin")
+
+
+@torch_only
+@pytest.mark.parametrize("tune", ["0", "1"])
+def test_torch_untraced_rule_passes_opcheck(tune, monkeypatch):
+    """The op the compiled backward pass calls (``_backend.untraced``)
+    passes torch's own checks of a custom op: its fake result has the real
+    one's shape, dtype and strides (a form may return a transposed view;
+    Inductor asserts the strides), with static and dynamic sizes."""
+    import torch
+
+    from keras_rotconv import _tuning
+    from keras_rotconv._backend import torch as torch_seam
+
+    monkeypatch.setenv("KERAS_ROTCONV_TUNE", tune)
+    monkeypatch.setattr(_tuning, "MIN_PRODUCTS", 0)
+    _tuning.forget()
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.standard_normal((2, 9, 8, 3)))
+    w = torch.tensor(rng.standard_normal((3, 2, 3, 4)))
+    for strides, padding in [((1, 1), "valid"), ((2, 2), "same")]:
+        pairs = ops.padding_pairs(
+            x.shape[1:3], (3, 2), strides, (1, 1), padding
+        )
+        lengths = [
+            ops.output_size(n, k, s, 1, pair)
+            for n, k, s, pair in zip(x.shape[1:3], (3, 2), strides, pairs)
+        ]
+        delta = torch.tensor(rng.standard_normal((2, *lengths, 4)))
+        flat = [v for pair in pairs for v in pair]
+        for name, a, b, sizes, shape in [
+            ("_cheapest_kernel_gradient", x, delta, [3, 2], [3, 2, 3, 4]),
+            ("_cheapest_input_delta", delta, w, [9, 8], list(x.shape)),
+        ]:
+            args = (
+                f"keras_rotconv.ops:{name}",
+                shape,
+                a,
+                b,
+                sizes,
+                list(strides),
+                flat,
+                [1, 1],
+                1,
+            )
+            torch.library.opcheck(torch_seam._untraced_rule, args)
+    _tuning.forget()
 
 
 @torch_only

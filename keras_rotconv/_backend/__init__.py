@@ -343,3 +343,22 @@ def traced_by_torch_compile() -> bool:
     then take minutes per layer to trace.
     """
     return _impl.traced_by_torch_compile()
+
+
+def untraced(
+    rule: Callable, shape, a, b, sizes, strides, pairs, dilation, groups
+):
+    """``rule(a, b, sizes, strides, pairs, dilation, groups)``, a tensor of
+    ``shape``, for code that ``torch.compile`` traces (torch only).
+
+    The tracer sees one op; ``rule`` (a module-level function: the op finds
+    it by name) runs when the compiled step runs, on concrete tensors,
+    with sizes as Python ints. So the cheaper forms run in a compiled step
+    too, without the tracer proving facts about symbolic sizes (see
+    ``traced_by_torch_compile``), and a form is timed and chosen as in
+    eager mode. A rule that is itself differentiated (a gradient of the
+    gradient) is traced as written instead: the op has no derivative.
+    """
+    return _impl.untraced(
+        rule, shape, a, b, sizes, strides, pairs, dilation, groups
+    )

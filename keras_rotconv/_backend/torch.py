@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import keras
 import torch
 import torch.nn.functional as F
@@ -224,3 +226,51 @@ def time_forms(forms, shapes, dtype):
 
 def traced_by_torch_compile() -> bool:
     return torch.compiler.is_compiling()
+
+
+def untraced(rule, shape, a, b, sizes, strides, pairs, dilation, groups):
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        # Differentiated (a gradient of the gradient): autograd has no
+        # formula for the op, so the tracer takes the rule's steps.
+        return rule(a, b, sizes, strides, pairs, dilation, groups)
+    return _untraced_rule(
+        f"{rule.__module__}:{rule.__name__}",
+        list(shape),
+        a,
+        b,
+        list(sizes),
+        list(strides),
+        [v for pair in pairs for v in pair],
+        list(dilation),
+        groups,
+    )
+
+
+@torch.library.custom_op("keras_rotconv::untraced_rule", mutates_args=())
+def _untraced_rule(
+    name: str,
+    shape: list[int],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    sizes: list[int],
+    strides: list[int],
+    pairs: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    # Runs when the compiled step runs, on concrete tensors: every size is
+    # a Python int here, whatever the tracer made of it.
+    module, function = name.split(":")
+    rule = getattr(importlib.import_module(module), function)
+    pairs = tuple(zip(pairs[::2], pairs[1::2]))
+    result = rule(
+        a, b, tuple(sizes), tuple(strides), pairs, tuple(dilation), groups
+    )
+    # The compiled code expects the layout the fake below gives: a form may
+    # return a transposed view.
+    return result.contiguous()
+
+
+@_untraced_rule.register_fake
+def _(name, shape, a, b, sizes, strides, pairs, dilation, groups):
+    return a.new_empty(shape)
