@@ -16,6 +16,10 @@ False and True; JAX: True; torch: False, and True, ``torch.compile``, with
   layer with the setting where it ran fastest (``against_fastest``: what a
   user choosing freely would compare with; the same pair when the settings
   agree).
+* the first step: the seconds each model's first train step took, which
+  traces and compiles it (``first_step_s``). With ``torch.compile`` each
+  case's models are compiled as if each were alone in its process (see
+  ``compiles_alone``).
 * memory (TensorFlow; torch on CUDA, below): the peak number of bytes
   TensorFlow's CPU allocator holds during one train step, above what it
   held just before the step (the weights, the optimizer state and the
@@ -357,11 +361,16 @@ def time_case(
     median step time of the same-mode pairs), timed as its own interleaved
     pair unless it is the same pair. With ``cuda_memory``, each pair's peak
     CUDA memory too (``cuda_step_memory``)."""
+    compiles_alone(jit_modes)
     found, batch = case_models(case, quick, jit_modes)
     before = _tuning.chosen()
-    # Warm up: trace and compile, then let caches settle.
+    # Warm up: trace and compile (the first step, timed), then let caches
+    # settle.
+    first_step = {
+        key: time_steps(model, batch, 1)[0] for key, model in found.items()
+    }
     for model in found.values():
-        time_steps(model, batch, 2)
+        time_steps(model, batch, 1)
     forms = new_choices(before)
     same = {
         mode: time_pair(
@@ -391,6 +400,9 @@ def time_case(
             str(m): same[m]["builtin_ms"] for m in jit_modes
         }
         result = {"case": case.name, "jit_compile": mode, **same[mode]}
+        result["first_step_s"] = {
+            kind: first_step[kind, mode] for kind in ("rotconv", "builtin")
+        }
         result["against_fastest"] = against
         result["kernel_gradient_forms"] = forms
         if cuda_memory:
@@ -405,6 +417,30 @@ def time_case(
             )
         results.append(result)
     return results
+
+
+def compiles_alone(jit_modes) -> None:
+    """On torch with ``torch.compile``, compile each case's models as if
+    each were alone in its process: fresh caches, static shapes and room
+    for every layer's graph.
+
+    The four models of a case share Keras's code (``Layer.forward``, whose
+    graphs are guarded on the layer), and Keras's BatchNormalization
+    breaks the graph (torch 2.13, Keras 3.15.1: Dynamo cannot pass its
+    ``axes`` list to ``torch.mean``), so each layer gets graphs of its
+    own. Under Dynamo's defaults the second model compiled then met the
+    limit of 8 graphs per function and ran its layers eagerly (the package
+    model: whichever twin compiled second took 100-120 ms a step, the
+    first 150-180), or, with a higher limit, met symbolic sizes that
+    Inductor failed to lower for the built-in twin.
+    """
+    if keras.backend.backend() != "torch" or True not in jit_modes:
+        return
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.recompile_limit = 64
 
 
 def cuda_memory_measured() -> bool:
@@ -885,7 +921,10 @@ def print_result(result, with_memory):
         f"(cpu {result['cpu_ratio']:.3f}), "
         f"vs fastest built-in (jit_compile={fast['builtin_jit_compile']}) "
         f"{fast['time_ratio']:.3f}"
-        + (f"  memory {result['memory_ratio']:.3f}" if with_memory else ""),
+        + (f"  memory {result['memory_ratio']:.3f}" if with_memory else "")
+        + "  first step {rotconv:.1f} / {builtin:.1f} s".format(
+            **result["first_step_s"]
+        ),
         flush=True,
     )
 
