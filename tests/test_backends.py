@@ -438,6 +438,7 @@ def test_torch_compile_traces_the_layer_whole(rank, textbook):
     def loss(layer):
         return lambda x: (layer(x) * upstream).sum()
 
+    mode = keras_rotconv.textbook_rules if textbook else contextlib.nullcontext
     torch._dynamo.reset()
     recorder = AotEagerAndRecordGraphs()
     compiled = torch.compile(loss(rot), fullgraph=True, backend=recorder)
@@ -446,25 +447,14 @@ def test_torch_compile_traces_the_layer_whole(rank, textbook):
         xt = torch.tensor(x, requires_grad=True)
         for v in layer.trainable_variables:
             v.value.grad = None
-        with (
-            keras_rotconv.textbook_rules()
-            if textbook
-            else (contextlib.nullcontext())
-        ):
+        with mode():
             run(xt).backward()
         results.append(
             [xt.grad, *(v.value.grad for v in layer.trainable_variables)]
         )
     assert _untraced_rules(recorder.fw_graphs) == []
-    expected = (
-        []
-        if textbook
-        else [
-            "_cheapest_kernel_gradient",
-            "_cheapest_input_delta",
-        ]
-    )
-    assert _untraced_rules(recorder.bw_graphs) == expected
+    rules = ["_cheapest_kernel_gradient", "_cheapest_input_delta"]
+    assert _untraced_rules(recorder.bw_graphs) == ([] if textbook else rules)
     compiled_grads, eager_grads, twin_grads = results
     for name, a, b, c in zip(
         ["dx", "dkernel", "dbias"],
@@ -484,14 +474,24 @@ def test_torch_untraced_rule_passes_opcheck(tune, monkeypatch):
     passes torch's own checks of a custom op: its fake result has the real
     one's shape, dtype and strides (a form may return a transposed view;
     Inductor asserts the strides), with static and dynamic sizes."""
-    import torch
 
     from keras_rotconv import _tuning
-    from keras_rotconv._backend import torch as torch_seam
 
     monkeypatch.setenv("KERAS_ROTCONV_TUNE", tune)
-    monkeypatch.setattr(_tuning, "MIN_PRODUCTS", 0)
+    monkeypatch.setattr(_tuning, "MIN_PRODUCTS", 0)  # time even these
     _tuning.forget()
+    try:
+        _opcheck_untraced_rule()
+    finally:
+        _tuning.forget()
+
+
+def _opcheck_untraced_rule():
+    """opcheck of both rules, at stride 1 and 2, on float64 tensors."""
+    import torch
+
+    from keras_rotconv._backend import torch as torch_seam
+
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.standard_normal((2, 9, 8, 3)))
     w = torch.tensor(rng.standard_normal((3, 2, 3, 4)))
@@ -521,7 +521,6 @@ def test_torch_untraced_rule_passes_opcheck(tune, monkeypatch):
                 1,
             )
             torch.library.opcheck(torch_seam._untraced_rule, args)
-    _tuning.forget()
 
 
 @torch_only
