@@ -195,25 +195,54 @@ def _cheapest_kernel_gradient(
     x, delta, kernel_size, strides, pairs, dilation, groups
 ):
     args = (x, delta, kernel_size, strides, pairs, dilation, groups)
+    forms = _kernel_gradient_forms(*args)
+    shapes = (
+        _tuning.shapes_to_time(x, delta, kernel_size)
+        if len(forms) > 1
+        else None
+    )
+    if shapes is None:
+        return next(iter(forms.values()))(x, delta)
+    key = (
+        "kernel_gradient",
+        str(x.dtype),
+        _backend.device_kind(x),
+        tuple(x.shape),
+        tuple(delta.shape),
+        *args[2:],
+    )
+    return _tuning.fastest(key, forms, shapes, x.dtype)(x, delta)
+
+
+def _kernel_gradient_forms(
+    x, delta, kernel_size, strides, pairs, dilation, groups=1
+) -> dict:
+    """The forms of the kernel gradient that apply to these shapes, name to
+    ``form(x, delta)``, the one taken untimed first. ``kernel_gradient``
+    times them where there is more than one (``keras_rotconv._tuning``);
+    ``benchmarks/rule_timings.py`` times each against the built-in layer's
+    gradient."""
+    rest = (kernel_size, strides, pairs, dilation, groups)
     if sums.is_pointwise(kernel_size, strides, pairs):
-        return sums.kernel_gradient_pointwise(x, delta, groups)
+        return {
+            "one product": lambda x, delta: sums.kernel_gradient_pointwise(
+                x, delta, groups
+            )
+        }
     if sums.is_depthwise(x, strides, groups) and _backend.sums_depthwise_taps():
-        return sums.kernel_gradient_depthwise(
-            x, delta, kernel_size, pairs, dilation
-        )
+        return {
+            "tap sums": lambda x, delta: sums.kernel_gradient_depthwise(
+                x, delta, kernel_size, pairs, dilation
+            )
+        }
     if phases.applies_to_kernel_gradient(x, delta, strides, dilation, groups):
         convolution = phases.kernel_gradient_by_phases
     else:
         convolution = rules.kernel_gradient
-    shapes = (
-        _tuning.shapes_to_time(x, delta, kernel_size) if groups == 1 else None
-    )
-    if shapes is None:
-        return convolution(*args)
-    # One group: also matrix products of the taps' windows with the delta;
-    # the fastest form is timed.
-    rest = args[2:]
     forms = {"convolution": lambda x, delta: convolution(x, delta, *rest)}
+    if groups > 1:
+        return forms
+    # One group: also matrix products of the taps' windows with the delta.
     if convolution is not rules.kernel_gradient:
         # The rule's own convolution, the delta read as a dilated window:
         # with oneDNN, and on torch, often faster than the phase split.
@@ -243,15 +272,7 @@ def _cheapest_kernel_gradient(
         forms["tap rows"] = lambda x, delta: sums.kernel_gradient_by_rows(
             x, delta, kernel_size, strides, pairs, dilation
         )
-    key = (
-        "kernel_gradient",
-        str(x.dtype),
-        _backend.device_kind(x),
-        tuple(x.shape),
-        tuple(delta.shape),
-        *rest,
-    )
-    return _tuning.fastest(key, forms, shapes, x.dtype)(x, delta)
+    return forms
 
 
 def bias_gradient(delta):

@@ -196,6 +196,30 @@ def test_kernel_gradient_forms_equal_the_rule(form, name):
     assert_close(to_numpy(actual), to_numpy(expected), FORM_RTOL, name)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_kernel_gradient_form_offered_equals_the_rule(name):
+    """The forms ``ops.kernel_gradient`` times and chooses among, as the
+    seam offers them for this case (names wired to the right functions,
+    with the right arguments)."""
+    x, w, delta, args = _case(name)
+    kernel = w.shape[:-2]
+    expected = to_numpy(rules.kernel_gradient(x, delta, kernel, **args))
+    x, delta = map(keras.ops.convert_to_tensor, (x, delta))
+    forms = ops._kernel_gradient_forms(
+        x,
+        delta,
+        kernel,
+        args["strides"],
+        args["pairs"],
+        args["dilation"],
+        args["groups"],
+    )
+    assert forms, name
+    for form, compute in forms.items():
+        actual = to_numpy(compute(x, delta))
+        assert_close(actual, expected, FORM_RTOL, f"{name}: {form}")
+
+
 def test_the_flat_form_needs_a_delta_position_per_window():
     """An empty output's delta gets one zero position
     (``_shapes.at_least_one_position``); the flat frame would then be
