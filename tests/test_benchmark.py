@@ -124,3 +124,47 @@ def test_cases_filter_refuses_a_pattern_that_matches_nothing(capsys):
     with pytest.raises(SystemExit):
         benchmark.select_cases(["3x3", "no such case"], parser)
     assert "no such case" in capsys.readouterr().err
+
+
+RULE_SCRIPT = os.path.join(ROOT, "benchmarks", "rule_timings.py")
+
+
+def test_rule_timings_quick_mode_times_every_part(tmp_path):
+    """``benchmarks/rule_timings.py`` runs every case and reports each
+    part against its built-in counterpart (the script, not the speed)."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    run = subprocess.run(
+        [sys.executable, RULE_SCRIPT, "--quick", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    backend = keras.backend.backend()
+    with open(tmp_path / f"rule_timings_{backend}_quick.json") as f:
+        report = json.load(f)
+    assert report["machine"]["backend"] == backend
+    results = report["results"]
+    layer_cases = [
+        name
+        for name in _case_names()
+        if "MNIST" not in name  # the models, not one layer
+    ]
+    assert sorted(results) == sorted(layer_cases)
+    for name, result in results.items():
+        parts = {row["part"]: row for row in result["parts"]}
+        assert "forward" in parts, name
+        assert "kernel gradient: textbook rule" in parts, name
+        assert any(p.startswith("kernel gradient: ") for p in parts), name
+        expected = {"forward", "kernel gradient"}
+        if "stem" not in name:  # a first layer: no input delta
+            expected.add("input delta")
+            assert "input delta: rule" in parts, name
+        else:
+            assert "input delta: rule" not in parts, name
+        assert set(result["builtin_ms"]) == expected, name
+        for row in result["parts"]:
+            assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
+        step = result["step"]
+        assert math.isfinite(step["ratio"]) and step["ratio"] > 0, name
