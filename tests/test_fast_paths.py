@@ -15,7 +15,6 @@ dilated (which keeps the zero insertion), is checked against
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import keras
@@ -219,27 +218,6 @@ def test_strided_and_dilated_axis_matches_reference(padding, groups):
         ),
         "kernel gradient",
     )
-
-
-@pytest.mark.parametrize(
-    "strides", [(2,), (3,), (2, 2), (3, 2), (1, 3), (2, 1, 3)]
-)
-def test_interleave_puts_every_phase_back(strides):
-    """``interleave`` moves entry ``m`` of phase ``r`` to position
-    ``m·s + r`` on every axis, for equal and unequal strides, in 1, 2 and 3
-    dimensions, and consumes the list it is given."""
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((2, *(3 * s for s in strides), 5))
-    phases = [
-        tf.constant(
-            x[(slice(None), *(slice(r, None, s) for r, s in zip(q, strides)))]
-        )
-        for q in itertools.product(*map(range, strides))
-    ]
-    np.testing.assert_array_equal(
-        np.asarray(phase_forms.interleave(phases, strides)), x
-    )
-    assert phases == []
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -10,6 +10,7 @@ give the same gradients as the default forms.
 """
 
 import contextlib
+import itertools
 
 import keras
 import numpy as np
@@ -218,6 +219,39 @@ def test_every_kernel_gradient_form_offered_equals_the_rule(name):
     for form, compute in forms.items():
         actual = to_numpy(compute(x, delta))
         assert_close(actual, expected, FORM_RTOL, f"{name}: {form}")
+
+
+@pytest.mark.parametrize(
+    "strides", [(2,), (3,), (2, 2), (3, 2), (1, 3), (2, 1, 3)]
+)
+@pytest.mark.parametrize("differentiated", [False, True])
+def test_interleave_puts_every_phase_back(strides, differentiated):
+    """``interleave`` moves entry ``m`` of phase ``r`` to position
+    ``m·s + r`` on every axis, for equal and unequal strides, in 1, 2 and 3
+    dimensions, and consumes the list it is given; on torch both ways:
+    written in place, and stacked where autograd records the phases."""
+    if differentiated and keras.backend.backend() != "torch":
+        pytest.skip("only torch interleaves phases two ways")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, *(3 * s for s in strides), 5))
+    split = [
+        keras.ops.convert_to_tensor(
+            x[(slice(None), *(slice(r, None, s) for r, s in zip(q, strides)))]
+        )
+        for q in itertools.product(*map(range, strides))
+    ]
+    with contextlib.ExitStack() as stack:
+        if differentiated:
+            import torch
+
+            stack.enter_context(torch.enable_grad())
+            split = [p.clone().requires_grad_() for p in split]
+        merged = phases.interleave(split, strides)
+    if differentiated:
+        assert merged.requires_grad
+        merged = merged.detach()
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(merged), x)
+    assert split == []
 
 
 def test_the_flat_form_needs_a_delta_position_per_window():

@@ -275,6 +275,24 @@ def _products_summed_apart(windows, delta, leading):
     return [ops.sum(window * delta, axis=axes) for window in windows]
 
 
+def interleaves_in_place(phases: Sequence) -> bool:
+    """Whether ``interleave_in_place`` puts these phases back: torch, where
+    no gradient of them is recorded. Stacking them one axis at a time
+    (``forms.phases.interleave``) writes the result once per strided axis;
+    torch writes each phase into its place once (a stride-2 3x3 input
+    delta, 16x32x32x64: 8 ms stacked, 4-5 ms in place;
+    benchmarks/results/README.md, "Measured figures")."""
+    if hasattr(_impl, "interleave_in_place"):
+        return _impl.interleaves_in_place(phases)
+    return False
+
+
+def interleave_in_place(phases: list, strides: Sequence[int]):
+    """``forms.phases.interleave``, each phase written into its place in
+    one buffer; empties ``phases``."""
+    return _impl.interleave_in_place(phases, strides)
+
+
 def pads_by_copy(rank: int) -> bool:
     """Whether ``correlate`` on ``rank`` spatial axes writes out a padded
     copy of ``x`` for padding TensorFlow's ``"SAME"`` rule does not cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import keras
 import torch
@@ -180,6 +181,27 @@ def summed_products(windows, delta, leading):
         torch.mul(window, delta, out=buffer)
         sums.append(buffer.sum(dim=dims))
     return sums
+
+
+def interleaves_in_place(phases) -> bool:
+    # Autograd would record each write into the buffer; where the phases
+    # are differentiated (a gradient of the gradient), they are stacked.
+    return not (
+        torch.is_grad_enabled()
+        and any(_tensor(p).requires_grad for p in phases)
+    )
+
+
+def interleave_in_place(phases, strides):
+    first = _tensor(phases[0])
+    n, *sizes, c = first.shape
+    # (N, M0, s0, M1, s1, ..., C): phase q's entry m at (m0, q0, m1, q1, ...).
+    split = [v for m, s in zip(sizes, strides) for v in (m, s)]
+    result = first.new_empty((n, *split, c))
+    for phase in itertools.product(*(range(s) for s in strides)):
+        place = [v for q in phase for v in (slice(None), q)]
+        result[(slice(None), *place, slice(None))] = phases.pop(0)
+    return result.reshape(n, *(m * s for m, s in zip(sizes, strides)), c)
 
 
 def pads_by_copy(rank: int) -> bool:

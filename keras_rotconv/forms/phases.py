@@ -132,7 +132,12 @@ def interleave(phases: list, strides: Sequence[int]):
     and merging the two axes interleaves them. The list is emptied as the
     phases are merged, so that (in eager mode) each is freed once copied:
     the phases and the result never all exist at once.
+
+    A backend that can write each phase into its place in one buffer does
+    so (``_backend.interleave_in_place``): one copy, not one per axis.
     """
+    if _backend.interleaves_in_place(phases):
+        return _backend.interleave_in_place(phases, strides)
     rank = len(strides)
     for axis in reversed(range(rank)):
         s = strides[axis]
