@@ -36,20 +36,26 @@ def _case_names():
     return [case.name for case in _benchmark().CASES]
 
 
-def test_quick_mode_writes_a_full_report(tmp_path):
+def _quick_report(script, name, out):
+    """Run ``script --quick --out out``: the JSON it writes,
+    ``{name}_{backend}_quick.json``, and what it printed."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     run = subprocess.run(
-        [sys.executable, SCRIPT, "--quick", "--out", str(tmp_path)],
+        [sys.executable, script, "--quick", "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-
     backend = keras.backend.backend()
-    with open(tmp_path / f"benchmark_{backend}_quick.json") as f:
-        report = json.load(f)
+    with open(out / f"{name}_{backend}_quick.json") as f:
+        return json.load(f), run.stdout
+
+
+def test_quick_mode_writes_a_full_report(tmp_path):
+    report, stdout = _quick_report(SCRIPT, "benchmark", tmp_path)
+    backend = keras.backend.backend()
     assert (tmp_path / f"benchmark_{backend}_quick.png").stat().st_size > 0
 
     results = report["results"]
@@ -63,10 +69,10 @@ def test_quick_mode_writes_a_full_report(tmp_path):
     # keras_rotconv does not have yet).
     skipped = {
         line.split("'")[1]
-        for line in run.stdout.splitlines()
+        for line in stdout.splitlines()
         if line.startswith("skipped '")
     }
-    assert ran | skipped == set(_case_names()), run.stdout
+    assert ran | skipped == set(_case_names()), stdout
     assert not ran & skipped
     for r in results:
         fastest = r["against_fastest"]
@@ -132,19 +138,8 @@ RULE_SCRIPT = os.path.join(ROOT, "benchmarks", "rule_timings.py")
 def test_rule_timings_quick_mode_times_every_part(tmp_path):
     """``benchmarks/rule_timings.py`` runs every case and reports each
     part against its built-in counterpart (the script, not the speed)."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    run = subprocess.run(
-        [sys.executable, RULE_SCRIPT, "--quick", "--out", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    backend = keras.backend.backend()
-    with open(tmp_path / f"rule_timings_{backend}_quick.json") as f:
-        report = json.load(f)
-    assert report["machine"]["backend"] == backend
+    report, _ = _quick_report(RULE_SCRIPT, "rule_timings", tmp_path)
+    assert report["machine"]["backend"] == keras.backend.backend()
     results = report["results"]
     layer_cases = [
         name
