@@ -240,7 +240,10 @@ def _kernel_gradient_forms(
     else:
         convolution = rules.kernel_gradient
     forms = {"convolution": lambda x, delta: convolution(x, delta, *rest)}
-    if groups > 1:
+    spatial = (*x.shape[1:-1], *delta.shape[1:-1])
+    if groups > 1 or not all(isinstance(n, int) for n in spatial):
+        # The other forms are for one group, and their guards read the
+        # spatial sizes, which a graph may know only when it runs.
         return forms
     # One group: also matrix products of the taps' windows with the delta.
     if convolution is not rules.kernel_gradient:
