@@ -12,9 +12,9 @@ eager):
   where the layer is strided) against the built-in layer's input gradient,
   which is the backend's own autodiff of ``keras.ops.conv`` (the oracle
   here, not part of the package);
-- the kernel gradient: each form ``keras_rotconv.ops`` chooses among (and
-  the textbook rule where it is not one of them) against the built-in
-  kernel gradient;
+- the kernel gradient: each form ``keras_rotconv.ops`` chooses among, and
+  the textbook rule (the same function as the form "convolution" where
+  no phase split applies), against the built-in kernel gradient;
 - "one tap's product": the kernel gradient's matrix product for a single
   tap (no window copied), whose time, times the number of taps, is the
   least the tap forms can cost.

@@ -282,7 +282,7 @@ def interleaves_in_place(phases: Sequence) -> bool:
     torch writes each phase into its place once (a stride-2 3x3 input
     delta, 16x32x32x64: 4.7 ms stacked, 3.5 in place;
     benchmarks/results/README.md, "Measured figures")."""
-    if hasattr(_impl, "interleave_in_place"):
+    if hasattr(_impl, "interleaves_in_place"):
         return _impl.interleaves_in_place(phases)
     return False
 
