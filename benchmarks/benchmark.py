@@ -19,7 +19,10 @@ False and True; JAX: True; torch: False, and True, ``torch.compile``, with
 * the first step: the seconds each model's first train step took, which
   traces and compiles it (``first_step_s``). With ``torch.compile`` each
   case's models are compiled as if each were alone in its process (see
-  ``compiles_alone``).
+  ``compiles_alone``), but they share the process: the first model
+  compiled (RotConv's) also pays the compiler's cold start, and later
+  ones find its files in the compile cache. ``compile_time.py`` times each
+  model in a fresh process of its own.
 * memory (TensorFlow; torch on CUDA, below): the peak number of bytes
   TensorFlow's CPU allocator holds during one train step, above what it
   held just before the step (the weights, the optimizer state and the

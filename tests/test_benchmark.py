@@ -94,7 +94,7 @@ def test_quick_mode_writes_a_full_report(tmp_path):
     _check_machine(report["machine"], backend)
 
 
-def _check_machine(machine, backend):
+def _check_machine(machine, backend, script="benchmark.py"):
     """The report says where it ran: CPU, flags, oneDNN, commit, command."""
     assert machine["backend"] == backend
     assert machine["cpu"], machine
@@ -108,7 +108,7 @@ def _check_machine(machine, backend):
     assert onednn["effective"] in ("on", "off"), onednn
     if backend == "tensorflow":
         assert onednn["tensorflow_reports"] in ("on", "off"), onednn
-    assert "benchmark.py --quick" in machine["command"], machine
+    assert f"{script} --quick" in machine["command"], machine
     assert "git_commit" in machine, machine
 
 
@@ -163,3 +163,39 @@ def test_rule_timings_quick_mode_times_every_part(tmp_path):
             assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
         step = result["step"]
         assert math.isfinite(step["ratio"]) and step["ratio"] > 0, name
+
+
+COMPILE_SCRIPT = os.path.join(ROOT, "benchmarks", "compile_time.py")
+
+
+def test_compile_time_quick_mode_times_both_twins_alone(tmp_path):
+    """``benchmarks/compile_time.py`` compiles each twin in a process of
+    its own and reports the first steps, their ratio and, on torch,
+    Dynamo's record (the script, not the speed)."""
+    report, stdout = _quick_report(COMPILE_SCRIPT, "compile_time", tmp_path)
+    _check_machine(
+        report["machine"], keras.backend.backend(), "compile_time.py"
+    )
+    assert report["settings"]["jit_compile"] is True
+    (name,) = report["results"]
+    assert set(report["results"][name]) == {"empty", "warm"}
+    for cache, result in report["results"][name].items():
+        for kind in ("rotconv", "builtin"):
+            twin = result[kind]
+            (run,) = twin["runs"]
+            assert len(run["steps_s"]) == report["settings"]["steps"], run
+            # The first step compiles (a warm cache holds the compiled
+            # code, but the trace runs again): it cannot be as quick as a
+            # steady one.
+            assert run["steps_s"][0] > max(run["steps_s"][-3:]), run
+            assert twin["warm_up_s"] > 0, twin
+            if keras.backend.backend() == "torch":
+                dynamo = twin["dynamo"]
+                assert dynamo["graphs"] >= 1, dynamo
+                assert dynamo["seconds"]["bytecode_tracing"] > 0, dynamo
+        for part in ("first_step", "warm_up"):
+            rot, builtin = (
+                result[kind][f"{part}_s"] for kind in ("rotconv", "builtin")
+            )
+            assert result[f"{part}_ratio"] == rot / builtin, cache
+        assert f"{name}, {cache} cache" in stdout
