@@ -970,6 +970,16 @@ def measure(cases, args, jit_modes, with_memory) -> list[dict]:
     return results
 
 
+def write_report(report: dict, out: str, stem: str) -> str:
+    """Writes ``report`` to ``<out>/<stem>.json`` (making ``out``); returns
+    the path."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, stem + ".json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    return path
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args = parse_args(argv)
@@ -1007,14 +1017,12 @@ def main(argv=None) -> int:
         "ratios": RATIOS,
     }
     report["results"] = results
-    os.makedirs(args.out, exist_ok=True)
     stem = (
         f"benchmark_{backend}"
         + ("_textbook" if args.textbook else "")
         + ("_quick" if args.quick else "")
     )
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_report(report, args.out, stem)
     plot(
         results,
         os.path.join(args.out, stem + ".png"),

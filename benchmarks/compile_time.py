@@ -274,11 +274,10 @@ def main(argv=None) -> int:
         }
         for state in CACHES:
             print_case(f"{name}, {state} cache", report["results"][name][state])
-    os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    path = os.path.join(args.out, f"compile_time_{backend}{suffix}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    path = benchmark.write_report(
+        report, args.out, f"compile_time_{backend}{suffix}"
+    )
     print(f"wrote {path}")
     return 0
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -376,13 +375,10 @@ def main(argv=None) -> int:
         report["results"][layer.name] = result
         print_case(layer.name, result)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         suffix = "_quick" if args.quick else ""
-        path = os.path.join(
-            args.out, f"rule_timings_{keras.backend.backend()}{suffix}.json"
+        path = benchmark.write_report(
+            report, args.out, f"rule_timings_{keras.backend.backend()}{suffix}"
         )
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
         print(f"\nwrote {path}")
     return 0
 
