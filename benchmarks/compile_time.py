@@ -149,23 +149,21 @@ def summarize(records: dict[str, list[dict]]) -> dict:
     result = {}
     for kind in KINDS:
         runs = records[kind]
+
+        def median(value, runs=runs):
+            return statistics.median(value(r) for r in runs)
+
         twin = {
-            "first_step_s": statistics.median(r["steps_s"][0] for r in runs),
-            "warm_up_s": statistics.median(warm_up(r["steps_s"]) for r in runs),
+            "first_step_s": median(lambda r: r["steps_s"][0]),
+            "warm_up_s": median(lambda r: warm_up(r["steps_s"])),
             "runs": runs,
         }
         if "dynamo" in runs[0]:
             twin["dynamo"] = {
-                "graph_breaks": statistics.median(
-                    r["dynamo"]["graph_breaks"] for r in runs
-                ),
-                "graphs": statistics.median(
-                    r["dynamo"]["graphs"] for r in runs
-                ),
+                "graph_breaks": median(lambda r: r["dynamo"]["graph_breaks"]),
+                "graphs": median(lambda r: r["dynamo"]["graphs"]),
                 "seconds": {
-                    name: statistics.median(
-                        r["dynamo"]["seconds"][name] for r in runs
-                    )
+                    name: median(lambda r, n=name: r["dynamo"]["seconds"][n])
                     for name in DYNAMO_TIMERS
                 },
             }
